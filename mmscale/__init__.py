@@ -1,0 +1,10 @@
+"""mmscale: exact very-large-batch multimodal embedding training on DeepSpeed ZeRO."""
+
+__version__ = "0.1.0"
+
+
+def load(path, device: str = "cpu"):
+    """Load an exported model directory (dual encoder or reranker) for inference."""
+    from mmscale.inference import load as _load
+
+    return _load(path, device=device)

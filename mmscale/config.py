@@ -1,0 +1,504 @@
+"""Typed configuration tree: dataclasses, YAML loading, `a.b.c=value` overrides, validation.
+
+Everything a run needs is one `Config`. It is loaded from YAML, patched with command-line
+overrides, and validated *before* any worker or rank starts, so a bad key or an impossible
+value is refused with its full key path and the reason. This module knows nothing about torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds an impossible value."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    train: str = ""  # brace-expanded urls, a directory, `pipe:` or http(s); sources joined by `::`
+    val: str = ""  # held-out shards for evaluation during training and `mmscale eval`
+    train_weights: list[float] = field(default_factory=list)  # mixing weight per `::` source
+    mode: str = "epoch"  # epoch: each sample once per epoch | resampled: shards drawn by weight
+    workers: int = 2  # dataloader workers per rank
+    shuffle_buffer: int = 1000  # samples held for the in-stream shuffle (0 disables it)
+    image_keys: str = "jpg;jpeg;png;webp"  # first member extension found is the image
+    text_key: str = "txt"  # a member extension, or `json:FIELD` for a field of the .json sidecar
+    max_pixels: int = 50_000_000  # refuse decoding larger images (decompression bombs)
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop
+    remainder: str = "drop"  # epoch-end samples that do not fill a batch on every rank: drop | pad
+    shard_retries: int = 3  # attempts to open an unreachable shard before it is skipped
+    prefetch_factor: int = 4
+
+
+@dataclass
+class VisionConfig:
+    """The timm image tower."""
+
+    name: str = "vit_tiny_patch16_224"
+    image_size: int = 224
+    weights: str = ""  # optional local file of timm weights (no hub at run time)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for tiny towers
+    locked: bool = False  # LiT-style: freeze the tower (its projection still trains)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextConfig:
+    """The transformers text tower."""
+
+    name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub name or local directory
+    tokenizer: str = ""  # defaults to name_or_path
+    config: dict[str, Any] = field(default_factory=dict)  # inline config: random-init tower
+    pooling: str = "mean"  # cls | mean | eos
+    max_length: int = 32
+    locked: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The dual encoder: two towers projected into one space."""
+
+    embed_dim: int = 256
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+    init_logit_bias: float = -10.0  # SigLIP only
+
+
+@dataclass
+class LossConfig:
+    """The contrastive objective."""
+
+    kind: str = "clip"  # clip (symmetric InfoNCE) | siglip (pairwise sigmoid)
+    matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [64, 128]; full dim always kept
+    matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; default all 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, DeepSpeed, checkpoints and the loop."""
+
+    global_batch_size: int = 256  # contrastive batch across all ranks
+    chunk_size: int = 32  # samples per forward/backward chunk in the gradient cache
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 0.0  # cosine decays to this
+    warmup_steps: int = 100
+    weight_decay: float = 0.2  # not applied to norms, biases, logit scale/bias
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    offload: bool = False  # ZeRO-Offload of optimizer state to CPU
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    gradcache: bool = True  # False: one plain forward/backward over the per-rank batch
+    ds_config: str = ""  # optional DeepSpeed JSON template; mmscale fills batch fields itself
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto | none | PATH
+    eval_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    timeout_s: int = 1800  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation."""
+
+    batch_size: int = 256
+    zero_shot_classes: str = ""  # optional file: class names and prompt templates
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class MineConfig:
+    """Hard-negative mining with the trained bi-encoder (sentence-transformers' names)."""
+
+    checkpoint: str = ""  # a training checkpoint or an export directory
+    data: str = ""  # shards to mine; defaults to data.train
+    output: str = ""  # defaults to OUTPUT_DIR/mined
+    range_min: int = 0  # skip the first range_min candidates by rank
+    range_max: int = 100  # consider candidates up to this rank
+    num_negatives: int = 7
+    absolute_margin: float = 0.0  # negative score must be < positive - absolute_margin
+    relative_margin: float = 0.0  # negative score must be < positive * (1 - relative_margin)
+    sampling_strategy: str = "top"  # top | random
+    seed: int = 0
+    block_size: int = 4096
+    use_faiss: bool = False
+
+
+@dataclass
+class RerankConfig:
+    """The multimodal cross-encoder reranker and its training."""
+
+    mined: str = ""  # output of `mmscale mine`
+    group_size: int = 8  # one positive and group_size - 1 mined negatives
+    fusion_layers: int = 2
+    fusion_heads: int = 4
+    fusion_dim: int = 256
+    listwise_weight: float = 1.0
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    global_batch_size: int = 32  # groups per step across ranks
+    steps: int = 200
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    top_k: int = 20  # bi-encoder candidates re-ranked at evaluation
+
+
+@dataclass
+class Config:
+    """One run of mmscale."""
+
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+
+    @property
+    def per_rank_batch_size(self) -> int:  # only meaningful after validate(world_size)
+        return self.train.global_batch_size // self._world_size
+
+    _world_size: int = dataclasses.field(default=1, repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------- typing helpers
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check `value` against a type hint, converting the lossless cases (int -> float)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping (section), got {type(value).__name__} {value!r}")
+        return _build(hint, value, path)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: unexpected value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `train.resume=5` -> a path named "5"
+        if value is None:
+            return ""
+        raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{path}: unsupported type {hint!r}")  # pragma: no cover - programming error
+
+
+def _public_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+def _build(cls: type, data: dict, path: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in _public_fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{where}: unknown key (known keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (for YAML, JSON and checkpoints)."""
+    out = {}
+    for f in _public_fields(type(cfg)):
+        value = getattr(cfg, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from nested dicts, refusing unknown keys and wrong types."""
+    return _build(Config, data or {})
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into a key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads `1e-4` as a string
+    return key.split("."), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.strip().lower() not in {"nan", "inf", "-inf", "+inf", "infinity"}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict (checked later by `from_dict`)."""
+    data = _deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node, cls, path = data, Config, ""
+        for i, k in enumerate(keys):
+            path = f"{path}.{k}" if path else k
+            known = {f.name: f for f in _public_fields(cls)} if cls is not None else None
+            if known is not None and k not in known:
+                raise ConfigError(f"{path}: unknown key (known keys here: {', '.join(sorted(known))})")
+            hint = _hints(cls)[k] if cls is not None else Any
+            if i == len(keys) - 1:
+                node[k] = value
+            else:
+                if not isinstance(node.get(k), dict):
+                    node[k] = {}
+                node = node[k]
+                cls = hint if dataclasses.is_dataclass(hint) else None
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or start from defaults), apply overrides, build and validate the types."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, path: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {reason}")
+
+
+def _one_of(value: Any, choices: tuple, path: str) -> None:
+    _check(value in choices, path, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Refuse impossible values; with `world_size`, also check the batch arithmetic."""
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    _one_of(d.mode, ("epoch", "resampled"), "data.mode")
+    _one_of(d.remainder, ("drop", "pad"), "data.remainder")
+    _check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _check(d.max_pixels > 0, "data.max_pixels", "must be > 0")
+    _check(
+        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        "data.crop_scale",
+        f"must be [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
+    )
+    _check(bool(d.image_keys.strip(";")), "data.image_keys", "must name at least one extension")
+    _check(d.shard_retries >= 1, "data.shard_retries", "must be >= 1")
+    if d.train_weights:
+        n_sources = len(d.train.split("::")) if d.train else 0
+        _check(
+            len(d.train_weights) == n_sources,
+            "data.train_weights",
+            f"has {len(d.train_weights)} weights for {n_sources} sources in data.train",
+        )
+        _check(all(w > 0 for w in d.train_weights), "data.train_weights", "weights must be > 0")
+
+    _check(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
+    _check(m.vision.image_size >= 8, "model.vision.image_size", f"too small: {m.vision.image_size}")
+    _one_of(m.text.pooling, ("cls", "mean", "eos"), "model.text.pooling")
+    _check(m.text.max_length > 0, "model.text.max_length", "must be > 0")
+    _check(m.max_logit_scale > 0, "model.max_logit_scale", "must be > 0")
+    _check(
+        m.init_logit_scale <= m.max_logit_scale,
+        "model.init_logit_scale",
+        f"{m.init_logit_scale} exceeds model.max_logit_scale {m.max_logit_scale}",
+    )
+    _one_of(lo.kind, ("clip", "siglip"), "loss.kind")
+    for i, dim in enumerate(lo.matryoshka_dims):
+        _check(0 < dim <= m.embed_dim, f"loss.matryoshka_dims[{i}]", f"{dim} not in 1..model.embed_dim ({m.embed_dim})")
+    if lo.matryoshka_weights:
+        _check(
+            len(lo.matryoshka_weights) == len(lo.matryoshka_dims),
+            "loss.matryoshka_weights",
+            f"has {len(lo.matryoshka_weights)} weights for {len(lo.matryoshka_dims)} dims",
+        )
+
+    _check(t.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    _check(t.chunk_size > 0, "train.chunk_size", "must be > 0")
+    _check(t.steps > 0, "train.steps", "must be > 0")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr], got {t.min_lr}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", f"must be two values in [0, 1), got {t.betas}")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _one_of(t.zero_stage, (0, 1, 2, 3), "train.zero_stage")
+    _one_of(t.precision, ("fp32", "bf16"), "train.precision")
+    _check(not (t.offload and t.zero_stage == 0), "train.offload", "CPU offload needs train.zero_stage >= 1")
+    _check(t.log_every > 0, "train.log_every", "must be > 0")
+    _check(t.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _check(t.timeout_s > 0, "train.timeout_s", "must be > 0")
+    if t.ds_config:
+        _check(Path(t.ds_config).is_file(), "train.ds_config", f"file not found: {t.ds_config}")
+
+    _one_of(cfg.mine.sampling_strategy, ("top", "random"), "mine.sampling_strategy")
+    _check(0 <= cfg.mine.range_min < cfg.mine.range_max, "mine.range_min", "need 0 <= range_min < range_max")
+    _check(cfg.mine.num_negatives >= 1, "mine.num_negatives", "must be >= 1")
+    _check(cfg.mine.relative_margin >= 0, "mine.relative_margin", "must be >= 0")
+    _check(cfg.mine.absolute_margin >= 0, "mine.absolute_margin", "must be >= 0")
+    _check(cfg.rerank.group_size >= 2, "rerank.group_size", "needs a positive and at least one negative")
+    _check(cfg.rerank.distill_temperature > 0, "rerank.distill_temperature", "must be > 0")
+    _check(cfg.rerank.fusion_dim % cfg.rerank.fusion_heads == 0, "rerank.fusion_dim", "must be divisible by rerank.fusion_heads")
+
+    if world_size is not None:
+        validate_world(cfg, world_size)
+    return cfg
+
+
+def validate_world(cfg: Config, world_size: int, stage: str = "train") -> Config:
+    """Check the batch arithmetic of a stage (train | rerank) for a number of ranks and remember it."""
+    t = cfg.train
+    _check(world_size >= 1, "world_size", "must be >= 1")
+    if stage == "rerank":
+        _check(
+            cfg.rerank.global_batch_size % world_size == 0,
+            "rerank.global_batch_size",
+            f"{cfg.rerank.global_batch_size} is not divisible by the world size {world_size}",
+        )
+        cfg._world_size = world_size
+        return cfg
+    _check(
+        t.global_batch_size % world_size == 0,
+        "train.global_batch_size",
+        f"{t.global_batch_size} is not divisible by the world size {world_size}",
+    )
+    per_rank = t.global_batch_size // world_size
+    if t.gradcache:
+        _check(
+            per_rank % t.chunk_size == 0,
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by world size x chunk size "
+            f"({world_size} x {t.chunk_size} = {world_size * t.chunk_size}); "
+            f"every rank must run the same number of full chunks",
+        )
+    cfg._world_size = world_size
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def iter_keys(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, type name, default, comment-free) for every leaf key: the README reference."""
+    defaults = cls()
+    hints = _hints(cls)
+    for f in _public_fields(cls):
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from iter_keys(hint, key + ".")
+        else:
+            yield key, _type_name(hint), getattr(defaults, f.name)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(hint)[0])}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
