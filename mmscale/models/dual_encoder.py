@@ -1,0 +1,128 @@
+"""The CLIP-style dual encoder: two towers, linear projections into one space, a learnable temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmscale.config import ModelConfig
+from mmscale.models.towers import (
+    build_text_tower,
+    build_vision_tower,
+    pool_tokens,
+    text_width,
+    vision_width,
+)
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers projected to `embed_dim`, L2-normalised, with `logit_scale` (and SigLIP `logit_bias`)."""
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        text: nn.Module,
+        embed_dim: int,
+        pooling: str = "mean",
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float = math.log(100),
+        init_logit_bias: float | None = None,
+        lock_visual: bool = False,
+        lock_text: bool = False,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.pooling = pooling
+        self.max_logit_scale = max_logit_scale
+        self.visual_proj = nn.Linear(vision_width(visual), embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width(text), embed_dim, bias=False)
+        # Stored as a log so that the temperature stays positive under any update.
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        self.lock_visual = lock_visual
+        self.lock_text = lock_text
+        for tower, locked in ((self.visual, lock_visual), (self.text, lock_text)):
+            if locked:
+                tower.requires_grad_(False)
+                tower.eval()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Switch train/eval mode; a locked (LiT) tower stays in eval so its dropout never fires."""
+        super().train(mode)
+        if self.lock_visual:
+            self.visual.eval()
+        if self.lock_text:
+            self.text.eval()
+        return self
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings [B, embed_dim]."""
+        pixel_values = pixel_values.to(self.visual_proj.weight.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_visual):
+            features = self.visual(pixel_values)
+        emb = self.visual_proj(features)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings [B, embed_dim], pooled over the real (attention_mask) tokens."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
+            hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            pooled = pool_tokens(hidden, attention_mask, self.pooling)
+        emb = self.text_proj(pooled)
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one)."""
+        # clamp passes no gradient once the cap is hit, which is what stops the temperature there.
+        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
+        return scale, self.logit_bias
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> dict[str, torch.Tensor | None]:
+        """Encode whichever modalities are given; always also returns `logit_scale` (exp'd) and `logit_bias`.
+
+        Everything goes through one forward so that DeepSpeed ZeRO-3 gathers every parameter it needs,
+        the logit scale and bias included.
+        """
+        out: dict[str, torch.Tensor | None] = {}
+        if pixel_values is not None:
+            out["image_emb"] = self.encode_image(pixel_values, normalize)
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            out["text_emb"] = self.encode_text(input_ids, attention_mask, normalize)
+        out["logit_scale"], out["logit_bias"] = self.scale_and_bias()
+        if out["logit_bias"] is not None:
+            out["logit_bias"] = out["logit_bias"] * 1.0  # a fresh tensor, not the parameter itself (ZeRO-3)
+        return out
+
+    def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the vision tower expects, from timm's pretrained config."""
+        from timm.data import resolve_data_config
+
+        data_cfg = resolve_data_config({}, model=self.visual)
+        return tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+
+
+def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False) -> DualEncoder:
+    """Build the dual encoder from its config; `with_bias` adds SigLIP's learnable `logit_bias`."""
+    return DualEncoder(
+        visual=build_vision_tower(model_cfg.vision),
+        text=build_text_tower(model_cfg.text),
+        embed_dim=model_cfg.embed_dim,
+        pooling=model_cfg.text.pooling,
+        init_logit_scale=model_cfg.init_logit_scale,
+        max_logit_scale=model_cfg.max_logit_scale,
+        init_logit_bias=model_cfg.init_logit_bias if with_bias else None,
+        lock_visual=model_cfg.vision.locked,
+        lock_text=model_cfg.text.locked,
+    )
