@@ -1,0 +1,107 @@
+"""The multimodal cross-encoder reranker: joint attention over text tokens and image patches.
+
+The two backbones start from the bi-encoder's towers (the timm trunk's `forward_features`
+gives patch tokens, the transformers tower its `last_hidden_state`). Their token states are
+projected to `fusion_dim`, tagged with a type embedding, prefixed with a learned [CLS] and
+fused by a small transformer; a linear head on the [CLS] output gives the relevance score.
+Because the towers run before fusion, corpus image tokens can be computed once and reused
+for every query that retrieves them (see `encode_image_tokens` / `fuse`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmscale.config import RerankConfig
+from mmscale.models.towers import text_width, vision_width
+
+TEXT_TYPE, IMAGE_TYPE = 0, 1
+
+
+class MultimodalReranker(nn.Module):
+    """Cross-encoder `score(pixels, input_ids, attention_mask) -> [B]` over (image, caption) pairs."""
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        text: nn.Module,
+        fusion_dim: int = 256,
+        fusion_layers: int = 2,
+        fusion_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.visual_proj = nn.Sequential(nn.Linear(vision_width(visual), fusion_dim), nn.LayerNorm(fusion_dim))
+        self.text_proj = nn.Sequential(nn.Linear(text_width(text), fusion_dim), nn.LayerNorm(fusion_dim))
+        self.type_embed = nn.Embedding(2, fusion_dim)
+        self.cls = nn.Parameter(torch.randn(1, 1, fusion_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            fusion_dim, fusion_heads, dim_feedforward=4 * fusion_dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        # enable_nested_tensor would change numerics between padded and unpadded batches; keep it exact.
+        self.fusion = nn.TransformerEncoder(layer, fusion_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(fusion_dim)
+        self.head = nn.Linear(fusion_dim, 1)
+
+    def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens [B, P, fusion_dim] (a ViT's prefix + patch tokens, or a CNN's grid cells)."""
+        feats = self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
+        if feats.ndim == 4:  # [B, C, H, W] from a convolutional trunk -> one token per cell
+            feats = feats.flatten(2).transpose(1, 2)
+        return self.visual_proj(feats) + self.type_embed.weight[IMAGE_TYPE]
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Projected text token states [B, L, fusion_dim]."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_proj(hidden) + self.type_embed.weight[TEXT_TYPE]
+
+    def fuse(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of the pairs (text_tokens[b], image_tokens[b]) by joint attention from [CLS]."""
+        b = text_tokens.shape[0]
+        tokens = torch.cat([self.cls.expand(b, -1, -1), text_tokens, image_tokens], dim=1)
+        keep = torch.cat(
+            [
+                attention_mask.new_ones(b, 1),
+                attention_mask,
+                attention_mask.new_ones(b, image_tokens.shape[1]),
+            ],
+            dim=1,
+        )
+        out = self.fusion(tokens, src_key_padding_mask=keep == 0)  # True marks padding to ignore
+        return self.head(self.norm(out[:, 0])).squeeze(-1)
+
+    def score(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Relevance scores [B] of B (image, caption) pairs."""
+        text = self.encode_text_tokens(input_ids, attention_mask)
+        return self.fuse(text, attention_mask, self.encode_image_tokens(pixel_values))
+
+    def score_groups(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores [B, G] of B captions against their G candidate images each ([B, G, C, H, W] pixels)."""
+        b, g = pixel_values.shape[:2]
+        text = self.encode_text_tokens(input_ids, attention_mask)  # once per caption, not per candidate
+        images = self.encode_image_tokens(pixel_values.flatten(0, 1))
+        scores = self.fuse(text.repeat_interleave(g, 0), attention_mask.repeat_interleave(g, 0), images)
+        return scores.view(b, g)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`score_groups` for [B, G, ...] pixels, `score` for [B, ...] (one forward: what ZeRO-3 hooks)."""
+        if pixel_values.ndim == 5:
+            return self.score_groups(pixel_values, input_ids, attention_mask)
+        return self.score(pixel_values, input_ids, attention_mask)
+
+
+def build_reranker(dual_encoder: nn.Module, rerank_cfg: RerankConfig) -> MultimodalReranker:
+    """A reranker whose backbones start as the bi-encoder's towers (shared modules: copy first to keep both)."""
+    return MultimodalReranker(
+        dual_encoder.visual,
+        dual_encoder.text,
+        fusion_dim=rerank_cfg.fusion_dim,
+        fusion_layers=rerank_cfg.fusion_layers,
+        fusion_heads=rerank_cfg.fusion_heads,
+    )

@@ -1,0 +1,88 @@
+"""The multimodal cross-encoder: shapes, padding, groups, initialisation from the bi-encoder, learning."""
+
+import pytest
+import torch
+
+from mmscale.config import ModelConfig, RerankConfig, TextConfig, VisionConfig
+from mmscale.losses.ranking import listwise_softmax_loss
+from mmscale.models import build_dual_encoder
+from mmscale.models.reranker import build_reranker
+
+TINY = ModelConfig(
+    embed_dim=16,
+    vision=VisionConfig(name="vit_tiny_patch16_224", image_size=32, timm_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2}),
+    text=TextConfig(
+        config={"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 32}
+    ),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dual():
+    torch.manual_seed(0)
+    return build_dual_encoder(TINY).eval()
+
+
+@pytest.fixture
+def reranker(dual):
+    torch.manual_seed(1)
+    return build_reranker(dual, RerankConfig(fusion_dim=32, fusion_heads=2, fusion_layers=1)).eval()
+
+
+def _batch(b=3, length=6, g=None):
+    gen = torch.Generator().manual_seed(2)
+    shape = (b, g, 3, 32, 32) if g else (b, 3, 32, 32)
+    pixels = torch.randn(shape, generator=gen)
+    ids = torch.randint(1, 100, (b, length), generator=gen)
+    mask = torch.ones(b, length, dtype=torch.long)
+    return pixels, ids, mask
+
+
+def test_backbones_are_the_bi_encoder_towers(dual, reranker):
+    assert reranker.visual is dual.visual and reranker.text is dual.text
+
+
+def test_score_shape_and_padding_does_not_change_scores(reranker):
+    pixels, ids, mask = _batch()
+    with torch.no_grad():
+        scores = reranker.score(pixels, ids, mask)
+        padded_ids = torch.cat([ids, torch.zeros(3, 4, dtype=torch.long)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.long)], 1)
+        padded = reranker.score(pixels, padded_ids, padded_mask)
+    assert scores.shape == (3,)
+    assert torch.allclose(scores, padded, atol=1e-5)
+
+
+def test_score_groups_equals_scoring_each_pair(reranker):
+    pixels, ids, mask = _batch(b=2, g=3)
+    with torch.no_grad():
+        grouped = reranker(pixels, ids, mask)
+        pairs = reranker.score(pixels.flatten(0, 1), ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0))
+    assert grouped.shape == (2, 3)
+    assert torch.allclose(grouped.flatten(), pairs, atol=1e-5)
+
+
+def test_scores_depend_on_both_image_and_text(reranker):
+    pixels, ids, mask = _batch(b=2)
+    with torch.no_grad():
+        base = reranker.score(pixels, ids, mask)
+        swapped_images = reranker.score(pixels.flip(0), ids, mask)
+        swapped_texts = reranker.score(pixels, ids.flip(0), mask)
+    assert not torch.allclose(base, swapped_images) and not torch.allclose(base, swapped_texts)
+
+
+def test_listwise_training_lowers_the_loss_and_reaches_the_backbones(reranker):
+    reranker.train()
+    pixels, ids, mask = _batch(b=4, g=3)
+    opt = torch.optim.AdamW(reranker.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = listwise_softmax_loss(reranker(pixels, ids, mask))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert reranker.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert reranker.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
