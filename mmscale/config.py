@@ -138,8 +138,8 @@ class MineConfig:
     range_min: int = 0  # skip the first range_min candidates by rank
     range_max: int = 100  # consider candidates up to this rank
     num_negatives: int = 7
-    absolute_margin: float = 0.0  # negative score must be < positive - absolute_margin
-    relative_margin: float = 0.0  # negative score must be < positive * (1 - relative_margin)
+    absolute_margin: float | None = None  # keep negatives scoring <= positive - absolute_margin; null: no rule
+    relative_margin: float | None = None  # keep negatives scoring <= positive * (1 - relative_margin); null: no rule
     sampling_strategy: str = "top"  # top | random
     seed: int = 0
     block_size: int = 4096
@@ -163,6 +163,7 @@ class RerankConfig:
     lr: float = 1e-4
     warmup_steps: int = 20
     top_k: int = 20  # bi-encoder candidates re-ranked at evaluation
+    teacher_scale: float = 0.0  # bi-encoder logits = teacher_scale * cosine; 0: its own logit scale
 
 
 @dataclass
@@ -436,8 +437,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _one_of(cfg.mine.sampling_strategy, ("top", "random"), "mine.sampling_strategy")
     _check(0 <= cfg.mine.range_min < cfg.mine.range_max, "mine.range_min", "need 0 <= range_min < range_max")
     _check(cfg.mine.num_negatives >= 1, "mine.num_negatives", "must be >= 1")
-    _check(cfg.mine.relative_margin >= 0, "mine.relative_margin", "must be >= 0")
-    _check(cfg.mine.absolute_margin >= 0, "mine.absolute_margin", "must be >= 0")
+    for name in ("absolute_margin", "relative_margin"):
+        margin = getattr(cfg.mine, name)
+        _check(margin is None or margin >= 0, f"mine.{name}", f"must be >= 0 or null, got {margin}")
+    _check(cfg.mine.block_size >= 1, "mine.block_size", "must be >= 1")
     _check(cfg.rerank.group_size >= 2, "rerank.group_size", "needs a positive and at least one negative")
     _check(cfg.rerank.distill_temperature > 0, "rerank.distill_temperature", "must be > 0")
     _check(cfg.rerank.fusion_dim % cfg.rerank.fusion_heads == 0, "rerank.fusion_dim", "must be divisible by rerank.fusion_heads")
