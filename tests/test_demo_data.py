@@ -134,3 +134,14 @@ def test_cli(tmp_path):
     assert "train: 8 samples in 2 shards" in res.stdout
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--overwrite" in res.stderr
+
+
+def test_webdataset_reads_the_shards(demo):
+    wds = pytest.importorskip("webdataset")
+    out, _ = demo
+    urls = [str(p) for p in sorted((out / "val").glob("*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 25
+    first = samples[0]
+    assert first["__key__"] == "000030000"  # val keys continue after the 3 train shards
+    assert first["jpg"].size == (32, 32) and first["txt"] == first["json"]["caption"]

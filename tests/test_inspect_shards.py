@@ -209,3 +209,16 @@ def test_errors(tmp_path):
     with pytest.raises(InspectError, match="only local"):
         inspect_shards("pipe:curl -s https://example.com/{0..3}.tar")
     assert main([str(tmp_path)]) == 2
+
+
+def test_not_a_tar_and_full_decode(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"hello, I am not a tar file" * 100)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.effect_noise((128, 128), 50).convert("RGB").save(buf, format="JPEG")
+    full = buf.getvalue()
+    write_tar(tmp_path / "cutjpeg.tar", [("000000000.jpg", full[: len(full) // 2]), ("000000000.txt", b"half")])
+    report = inspect_shards([str(tmp_path / n) for n in ("junk.tar", "empty.tar", "cutjpeg.tar")])
+    assert report["issue_counts"] == {"corrupt_tar": 2}  # the cut JPEG's header alone looks fine
+    report = inspect_shards(str(tmp_path / "cutjpeg.tar"), decode=True)
+    assert report["issue_counts"] == {"bad_image": 1}

@@ -326,3 +326,11 @@ def test_workers_give_identical_output(tmp_path, images):
     for name in names:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
     assert s2["failures"] == s1["failures"]
+
+
+def test_json_array_detected_apart_from_coco(tmp_path, images):
+    (tmp_path / "captions.json").write_text(json.dumps(table_rows()))
+    stats = make_shards(tmp_path / "captions.json", tmp_path / "out", progress=False)
+    assert stats["config"]["format"] == "json"
+    check_good_samples(tmp_path / "out", stats)
+    assert_bad_rows(stats)

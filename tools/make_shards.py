@@ -1,16 +1,37 @@
 """Convert captioned images into WebDataset tar shards in the img2dataset layout.
 
-Output: ``OUT/00000.tar, 00001.tar, ...`` whose samples are ``KEY.jpg|png|webp``,
-``KEY.txt`` (the caption) and ``KEY.json`` (source row, sizes), with 9-digit numeric
-keys ``shard_index * 10**k + position`` (k = 4 for up to 10000 samples per shard, as
-img2dataset does), plus ``OUT/stats.json``: per-shard counts and bytes, failures by
-reason and the list of rows that were skipped.
+    python tools/make_shards.py --input captions.jsonl --format jsonl --image-column image \\
+        --caption-column caption --image-root DIR --output OUT --samples-per-shard 1000
+
+Inputs (``--format``, guessed from the extension when left at ``auto``):
+
+- ``jsonl`` / ``json`` (an array of objects) / ``csv`` / ``tsv`` / ``parquet``: a table
+  with an image column and a caption column (``--image-column``, ``--caption-column``).
+  An image cell is a path relative to ``--image-root`` (default: the table's directory),
+  raw bytes (parquet binary column), a ``{"bytes": ..., "path": ...}`` struct (Hugging
+  Face datasets) or a ``data:image/...;base64,`` URI. Other columns go to the sidecar.
+- ``folder``: every image under ``--input`` (recursively, sorted by path) with its
+  caption in the same-named ``.txt``.
+- ``coco``: a COCO captions file (``--input captions_train2017.json --image-root
+  train2017/``). ``--coco-captions all`` (default) makes one sample per (image, caption)
+  pair, as CLIP training on COCO usually does; ``first`` makes one sample per image with
+  its first caption and keeps all its captions in the ``.json`` sidecar.
+
+Output: ``OUT/00000.tar, 00001.tar, ...`` whose samples are ``KEY.jpg|png|webp`` (the
+source bytes untouched unless resized or in another format, then ``--encode-format``),
+``KEY.txt`` (the caption) and ``KEY.json`` (key, row, source, caption, width, height,
+original_width, original_height, source_row), with 9-digit keys ``shard * 10**k +
+position`` (k = 4 up to 10000 samples per shard, as img2dataset does), plus
+``OUT/stats.json``: per-shard counts and bytes, failures by reason, and every skipped
+row with its reason (missing_file, decode_error, empty_caption, missing_caption, ...).
+The output is byte-identical for the same input and options, whatever ``--workers``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import csv
 import io
@@ -225,7 +246,7 @@ def write_stats(
 # ---------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TABLE_FORMATS = ("jsonl", "csv", "tsv", "parquet")
+TABLE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 FORMATS = (*TABLE_FORMATS, "folder", "coco")
 
 
@@ -249,8 +270,10 @@ def detect_format(input_path: Path) -> str:
     by_suffix = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
     if suffix in by_suffix:
         return by_suffix[suffix]
-    if suffix == ".json":
-        return "coco"
+    if suffix == ".json":  # a COCO captions object, or an array of records
+        with open(input_path, "rb") as f:
+            head = f.read(4096).lstrip()
+        return "json" if head.startswith(b"[") else "coco"
     raise ShardError(f"cannot guess the format of {input_path}; pass --format ({'|'.join(FORMATS)})")
 
 
@@ -320,6 +343,24 @@ def _read_jsonl(path: Path, image_column: str, caption_column: str, image_root: 
                 _check_columns(f"{path} (first row, line {index + 1})", list(record), image_column, caption_column)
                 checked = True
             yield _table_row(index, record, image_column, caption_column, image_root)
+
+
+def _read_json_array(path: Path, image_column: str, caption_column: str, image_root: Path) -> Iterator[Row]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ShardError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(records, list):
+        raise ShardError(f"{path}: --format json needs an array of objects (a COCO file is --format coco)")
+    checked = False
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            yield Row(index, f"{path.name}[{index}]", None, None, error=("invalid_row", "not a JSON object"))
+            continue
+        if not checked:
+            _check_columns(f"{path} (first record)", list(record), image_column, caption_column)
+            checked = True
+        yield _table_row(index, record, image_column, caption_column, image_root)
 
 
 def _read_csv(path: Path, delimiter: str, image_column: str, caption_column: str, image_root: Path) -> Iterator[Row]:
@@ -404,6 +445,8 @@ def read_rows(
         with open(input_path, "rb") as f:
             total = sum(1 for line in f if line.strip())
         return _read_jsonl(input_path, image_column, caption_column, root), total
+    if fmt == "json":
+        return _read_json_array(input_path, image_column, caption_column, root), None
     if fmt in ("csv", "tsv"):
         return _read_csv(input_path, "," if fmt == "csv" else "\t", image_column, caption_column, root), None
     if fmt == "parquet":
@@ -491,6 +534,14 @@ def _resize(img: Image.Image, opts: ImageOptions) -> Image.Image:
 
 def process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
     """Load, check, maybe resize one row; returns the sample's files and sidecar, or a failure."""
+    try:
+        return _process_row(row, opts)
+    except Exception as e:  # one odd image (a resize or encode error) must not end a long conversion
+        detail = f"{type(e).__name__}: {e}"
+        return {"ok": False, "row": row.index, "source": row.source, "reason": "processing_error", "detail": detail}
+
+
+def _process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
 
     def fail(reason: str, detail: str = "") -> dict[str, Any]:
         return {"ok": False, "row": row.index, "source": row.source, "reason": reason, "detail": detail}
@@ -545,8 +596,34 @@ def process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
     return {"ok": True, "files": {ext: data, "txt": caption.encode("utf-8")}, "meta": meta}
 
 
-def _process_star(args: tuple[Row, ImageOptions]) -> dict[str, Any]:
-    return process_row(*args)
+def _process_chunk(rows: list[Row], opts: ImageOptions) -> list[dict[str, Any]]:
+    return [process_row(row, opts) for row in rows]
+
+
+def _chunks(items: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ordered_parallel(pool: Any, rows: Iterator[Row], opts: ImageOptions, workers: int) -> Iterator[dict[str, Any]]:
+    """Results in input order, with at most a few chunks per worker in flight.
+
+    (Pool.imap would read the whole input ahead of the workers: with image bytes in a
+    parquet table that means the whole dataset in memory.)
+    """
+    pending: collections.deque = collections.deque()
+    for chunk in _chunks(rows, 8):
+        pending.append(pool.apply_async(_process_chunk, (chunk, opts)))
+        if len(pending) >= 4 * workers:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,8 +693,8 @@ def make_shards(
             results = (process_row(row, opts) for row in rows)
         else:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            # imap keeps input order, so the output does not depend on the number of workers
-            results = pool.imap(_process_star, ((row, opts) for row in rows), chunksize=8)
+            # results come back in input order, so the output does not depend on the number of workers
+            results = _ordered_parallel(pool, rows, opts, workers)
         for result in results:
             bar.update(1)
             if result.pop("ok"):
@@ -661,38 +738,51 @@ def summary(stats: dict[str, Any], output: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Convert captioned images (jsonl/csv/tsv/parquet table, folder, COCO) into WebDataset shards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--input", required=True, help="table file, image folder, or COCO captions JSON")
-    p.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="auto: from the extension")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", *FORMATS),
+        help="auto: from the extension (.jsonl .json .csv .tsv .parquet, a directory is folder)",
+    )
     p.add_argument("--output", required=True, help="directory for NNNNN.tar and stats.json")
     p.add_argument(
-        "--image-column", default="image", help="table column: image path (relative to --image-root) or bytes"
+        "--image-column",
+        default="image",
+        help="table column with the image path (relative to --image-root) or bytes (default %(default)s)",
     )
-    p.add_argument("--caption-column", default="caption", help="table column holding the caption")
+    p.add_argument("--caption-column", default="caption", help="table column with the caption (default %(default)s)")
     p.add_argument("--image-root", default=None, help="base of relative image paths (default: the input's directory)")
     p.add_argument(
         "--coco-captions",
         default="all",
         choices=("all", "first"),
-        help="all: one sample per (image, caption); first: one per image, every caption kept in the .json",
+        help="all (default): one sample per (image, caption); first: one per image, all captions kept in the .json",
     )
-    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--samples-per-shard", type=int, default=10000, help="default %(default)s")
     p.add_argument("--max-shard-bytes", default=None, help="also start a new shard before this size (e.g. 100MB)")
     p.add_argument("--image-size", type=int, default=None, help="resize to this size (see --resize-mode)")
     p.add_argument(
         "--resize-mode",
         default="keep_ratio",
         choices=RESIZE_MODES,
-        help="with --image-size: keep_ratio = smaller side to size; center_crop = square crop; "
+        help="with --image-size (default keep_ratio): keep_ratio = smaller side to size; center_crop = square crop; "
         "border = larger side to size, padded square",
     )
-    p.add_argument("--encode-format", default="jpg", choices=tuple(ENCODE_FORMATS), help="format of re-encoded images")
-    p.add_argument("--encode-quality", type=int, default=95)
-    p.add_argument("--workers", type=int, default=1, help="processes decoding and resizing images")
+    p.add_argument(
+        "--encode-format",
+        default="jpg",
+        choices=tuple(ENCODE_FORMATS),
+        help="format of re-encoded images (default %(default)s)",
+    )
+    p.add_argument("--encode-quality", type=int, default=95, help="default %(default)s")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes decoding and resizing images (default %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     try:
         stats = make_shards(
