@@ -334,3 +334,29 @@ def test_json_array_detected_apart_from_coco(tmp_path, images):
     assert stats["config"]["format"] == "json"
     check_good_samples(tmp_path / "out", stats)
     assert_bad_rows(stats)
+
+
+def test_image_already_at_size_is_not_reencoded(tmp_path):
+    (tmp_path / "sq.png").write_bytes(image_bytes(2, size=(16, 16)))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "sq.png", "caption": "square"}))
+    for mode in ("keep_ratio", "center_crop", "border"):
+        out = tmp_path / mode
+        make_shards(tmp_path / "c.jsonl", out, image_size=16, resize_mode=mode, progress=False)
+        [(_, files)] = read_shards(out)
+        assert files["png"] == (tmp_path / "sq.png").read_bytes()
+
+
+def test_more_bad_rows_are_skipped_not_fatal(tmp_path, images):
+    rows = [
+        {"image": "https://example.com/a.jpg", "caption": "remote"},
+        {"image": "imgs/0.png", "caption": float("nan")},
+        {"image": "imgs/1.png", "caption": None},
+        {"image": "", "caption": "no image"},
+        {"image": "imgs/2.png", "caption": 12345},
+    ]
+    lines = [json.dumps(r) for r in rows] + ["[1, 2]", "{not json"]  # json.dumps writes NaN as pandas does
+    (tmp_path / "t.jsonl").write_text("\n".join(lines))
+    stats = make_shards(tmp_path / "t.jsonl", tmp_path / "out", progress=False)
+    assert stats["failures"] == {"invalid_row": 2, "missing_caption": 2, "missing_image": 1, "remote_url": 1}
+    [(_, files)] = read_shards(tmp_path / "out")
+    assert files["txt"] == b"12345"

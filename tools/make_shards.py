@@ -37,6 +37,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import re
 import sys
@@ -297,6 +298,8 @@ def _image_value(value: Any, image_root: Path) -> tuple[str, str | bytes | None]
             return value[:40] + "...", base64.b64decode(value.split(",", 1)[1], validate=True)
         except ValueError:
             return value[:40] + "...", b""  # fails later as undecodable
+    if value.startswith(("http://", "https://", "s3://", "gs://")):
+        return value, value  # refused in the worker: this tool reads local files only
     path = Path(value)
     return value, str(path if path.is_absolute() else image_root / path)
 
@@ -391,7 +394,11 @@ def _read_folder(root: Path) -> Iterator[Row]:
     for index, path in enumerate(images):
         rel = path.relative_to(root).as_posix()
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8") if txt.is_file() else None
+        try:
+            caption = txt.read_text(encoding="utf-8") if txt.is_file() else None
+        except UnicodeDecodeError as e:
+            yield Row(index, rel, str(path), None, {"path": rel}, error=("bad_caption", f"{txt.name}: {e}"))
+            continue
         yield Row(index, rel, str(path), caption, {"path": rel})
 
 
@@ -532,6 +539,12 @@ def _resize(img: Image.Image, opts: ImageOptions) -> Image.Image:
     return img
 
 
+def _already_sized(img: Image.Image, opts: ImageOptions) -> bool:
+    scaled, canvas = target_size(img.width, img.height, opts.image_size, opts.resize_mode)
+    upright = img.getexif().get(0x0112, 1) == 1  # EXIF orientation: a rotated photo must be re-encoded
+    return scaled == canvas == img.size and upright
+
+
 def process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
     """Load, check, maybe resize one row; returns the sample's files and sidecar, or a failure."""
     try:
@@ -549,7 +562,7 @@ def _process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
     if row.error is not None:
         return fail(*row.error)
     caption = row.caption
-    if caption is None:
+    if caption is None or (isinstance(caption, float) and math.isnan(caption)):  # pandas writes NaN for missing
         return fail("missing_caption")
     if not isinstance(caption, str):
         caption = str(caption)
@@ -560,6 +573,8 @@ def _process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
         return fail("missing_image")
     if isinstance(row.image, bytes):
         data = row.image
+    elif "://" in row.image:
+        return fail("remote_url", "images must be local files; download them first (e.g. with img2dataset)")
     else:
         try:
             data = Path(row.image).read_bytes()
@@ -575,8 +590,9 @@ def _process_row(row: Row, opts: ImageOptions) -> dict[str, Any]:
         return fail("decode_error", re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}"))
     original = img.size
     ext = _KEEP_FORMATS.get(img.format or "")
-    if opts.resizing or ext is None:
-        if opts.resizing:
+    resize = opts.resizing and not _already_sized(img, opts)  # never re-encode an image for nothing
+    if resize or ext is None:
+        if resize:
             img = _resize(img, opts)
         pil_format = ENCODE_FORMATS[opts.encode_format]
         out = _to_encodable(img, pil_format)
@@ -695,12 +711,15 @@ def make_shards(
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
             # results come back in input order, so the output does not depend on the number of workers
             results = _ordered_parallel(pool, rows, opts, workers)
-        for result in results:
-            bar.update(1)
-            if result.pop("ok"):
-                writer.write(result["files"], result["meta"])
-            else:
-                failed.append(result)
+        try:
+            for result in results:
+                bar.update(1)
+                if result.pop("ok"):
+                    writer.write(result["files"], result["meta"])
+                else:
+                    failed.append(result)
+        except (UnicodeDecodeError, csv.Error) as e:  # the table itself is unreadable past some point
+            raise ShardError(f"cannot read {input_path}: {e}") from e
     bar.close()
     config = {
         "input": str(input_path),
