@@ -1,0 +1,285 @@
+"""Checkpoints that are complete or invisible, and the state an exact resume needs.
+
+Layout under `OUTPUT_DIR/checkpoints/`:
+
+    step_00000100/                 one complete checkpoint
+        mp_rank_00_model_states.pt    DeepSpeed: module + client state (step, config, ...)
+        *_optim_states.pt             DeepSpeed: ZeRO optimizer shards, one per rank
+        mmscale_rank_00000.pt         ours: this rank's loader position and RNG states
+        config.yaml                   the resolved config, readable without torch
+        complete.json                 written last, before the rename: step, world size, time
+    latest                         the tag of the newest complete checkpoint (DeepSpeed reads it too)
+    tmp-step_00000200/             a save in progress (or one that died): never resumed from
+    universal-step_00000100/       a DeepSpeed universal copy, made when the world size changed
+
+A save writes everything under `tmp-<tag>`, waits for every rank, and then rank 0 renames
+the directory to `<tag>`: the rename is the commit, so a crash at any moment leaves either
+a whole checkpoint or a `tmp-` directory that `find_latest` ignores. This needs
+`output_dir` on a filesystem every node sees (the usual case for multi-node training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmscale.train import distributed
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+COMPLETE_MARKER = "complete.json"
+LATEST_FILE = "latest"
+TMP_PREFIX = "tmp-"
+UNIVERSAL_PREFIX = "universal-"
+_TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint asked for does not exist, is incomplete, or cannot be loaded."""
+
+
+def tag_for(step: int) -> str:
+    """The directory name of the checkpoint taken after `step` optimizer steps."""
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(output_dir) / CHECKPOINT_SUBDIR
+
+
+def is_complete(path: Path) -> bool:
+    """A step directory whose save finished (not a collective)."""
+    return _TAG_RE.match(path.name) is not None and (path / COMPLETE_MARKER).is_file()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The `complete.json` of a checkpoint directory."""
+    try:
+        return json.loads((path / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a complete mmscale checkpoint ({exc})") from exc
+
+
+def list_complete(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def find_latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`; torn and temporary ones are skipped."""
+    done = list_complete(root)
+    return done[-1] if done else None
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
+    """Turn `train.resume` (auto | none | PATH) into a checkpoint directory or a fresh start."""
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        return find_latest(checkpoint_root(output_dir))
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    # Also accept a checkpoints directory or a whole run's output_dir.
+    for root in (path, path / CHECKPOINT_SUBDIR):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    raise CheckpointError(
+        f"train.resume={resume!r}: no complete checkpoint there (a step_* directory with {COMPLETE_MARKER}, "
+        "or a directory holding them)"
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from: python, numpy, torch CPU and CUDA."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def _rank_file(path: Path, rank: int) -> Path:
+    return path / f"mmscale_rank_{rank:05d}.pt"
+
+
+class Checkpointer:
+    """Saves and loads DeepSpeed checkpoints plus per-rank state; call its methods on every rank."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep: int, rank: int, world_size: int) -> None:
+        self.root = checkpoint_root(output_dir)
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        client_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        config_yaml: str = "",
+    ) -> Path:
+        """Write a checkpoint of `step`, commit it by renaming, prune old ones; returns its path."""
+        tag = tag_for(step)
+        final = self.root / tag
+        tmp_tag = TMP_PREFIX + tag
+        tmp = self.root / tmp_tag
+        if distributed.all_ranks(final.is_dir() and is_complete(final)):
+            return final  # e.g. the end-of-run save right after a periodic one
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that died
+        distributed.barrier()
+
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rank_state, _rank_file(tmp, self.rank))
+        if self.rank == 0:
+            if config_yaml:
+                (tmp / "config.yaml").write_text(config_yaml)
+        # Every rank's files must be on disk before the directory may look complete.
+        distributed.barrier()
+        if self.rank == 0:
+            meta = {"step": step, "tag": tag, "world_size": self.world_size, "time": time.time()}
+            _atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(meta))
+            if final.exists():
+                shutil.rmtree(final)  # an incomplete leftover of the same name
+            os.replace(tmp, final)  # the commit point
+            _fsync_dir(self.root)
+            _atomic_write_text(self.root / LATEST_FILE, tag)
+            self._prune()
+        distributed.barrier()
+        return final
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` complete checkpoints; drop dead temporaries (rank 0 only)."""
+        done = list_complete(self.root)
+        for old in done[: -self.keep]:
+            # Remove the marker first: a deletion cut short must not look complete.
+            (old / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(self.root / (UNIVERSAL_PREFIX + old.name), ignore_errors=True)
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load model, optimizer and schedule into `engine`; returns (client state, this rank's state).
+
+        The rank state is None when the checkpoint was written by a different number of ranks:
+        model and optimizer then go through a DeepSpeed universal checkpoint, but each rank's
+        loader position and RNG streams have no counterpart in the new layout.
+        """
+        meta = read_meta(path)
+        saved_world = int(meta["world_size"])
+        if saved_world == self.world_size:
+            load_dir, tag = path.parent, path.name
+        else:
+            universal = self.to_universal(path)
+            load_dir, tag = universal.parent, universal.name
+            # DeepSpeed reads this flag at load time; it cannot be set per call.
+            engine._config.load_universal_checkpoint = True
+        try:
+            loaded, client_state = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+        rank_state = None
+        if saved_world == self.world_size:
+            rank_state = torch.load(_rank_file(path, self.rank), map_location="cpu", weights_only=False)
+        return client_state or {}, rank_state
+
+    def to_universal(self, path: Path) -> Path:
+        """A DeepSpeed universal copy of `path` next to it (converted once, by rank 0)."""
+        out = path.parent / (UNIVERSAL_PREFIX + path.name)
+        if self.rank == 0 and not (out / COMPLETE_MARKER).is_file():
+            convert_to_universal(path, out)
+        distributed.barrier()
+        if not (out / COMPLETE_MARKER).is_file():
+            raise CheckpointError(f"universal conversion of {path} did not finish ({out})")
+        return out
+
+
+def convert_to_universal(src: Path, out: Path) -> None:
+    """Run DeepSpeed's `ds_to_universal` on one checkpoint directory (single process)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = out.with_name(TMP_PREFIX + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a universal checkpoint (world size changed)", src)
+    args = argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # mmscale models carry no universal-checkpoint metadata (no tensor/pipeline
+        # parallelism), which DeepSpeed otherwise insists on.
+        inject_missing_state=True,
+    )
+    ds_to_universal.main(args)
+    shutil.copy2(src / COMPLETE_MARKER, tmp / COMPLETE_MARKER)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
