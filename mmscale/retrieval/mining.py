@@ -9,12 +9,23 @@ the hardest first (`top`) or drawn at random (`random`, reproducible by `seed`).
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mmscale.retrieval.search import exact_topk, scores_of
+
+log = logging.getLogger(__name__)
+
+GROUPS_FILE = "hard_negatives.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -166,6 +177,97 @@ def _summary(groups: list[NegativeGroup], counts: dict[str, int], num_negatives:
     }
 
 
-def group_to_record(group: NegativeGroup) -> dict:
-    """A group as a plain dict (JSONL)."""
-    return asdict(group)
+def group_to_record(group: NegativeGroup, keys: Sequence[str], texts: Sequence[str]) -> dict:
+    """A group as one JSONL record, by sample key (indices mean nothing outside this run)."""
+    return {
+        "query_key": keys[group.query_idx],
+        "query": texts[group.query_idx],
+        "positive_key": keys[group.positive_idx],
+        "negative_keys": [keys[i] for i in group.negative_idx],
+        "positive_score": group.positive_score,
+        "negative_scores": group.negative_scores,
+    }
+
+
+# --------------------------------------------------------------------------- `mmscale mine`
+
+
+def init_process_group() -> tuple[int, int]:
+    """Join the launcher's process group when there is one; (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mined_dir(cfg) -> Path:
+    """Where `mmscale mine` writes, and where `mmscale rerank` reads by default."""
+    return Path(cfg.mine.output or Path(cfg.output_dir) / "mined")
+
+
+def run_mine(cfg) -> int:
+    """`mmscale mine`: encode captions and images of the shards on all ranks, mine on rank 0, write JSONL + summary."""
+    from mmscale.data import build_eval_loader
+    from mmscale.models import load_tokenizer
+    from mmscale.retrieval.encode import encode_split, load_bi_encoder
+
+    m = cfg.mine
+    if not m.checkpoint:
+        raise ValueError("mine.checkpoint: set it to a training checkpoint (or run directory) or an export")
+    rank, world = init_process_group()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    model, model_cfg = load_bi_encoder(m.checkpoint)
+    model.to(device)
+    mean, std = model.image_normalization()
+    loader = build_eval_loader(
+        m.data or cfg.data.train, batch_size=cfg.eval.batch_size, rank=rank, world_size=world,
+        image_size=model_cfg.vision.image_size, mean=mean, std=std,
+        tokenizer=load_tokenizer(model_cfg.text), max_length=model_cfg.text.max_length,
+    )  # fmt: skip
+    split = encode_split(model, loader, device=device)
+    encoded_s = time.perf_counter() - start
+    out = mined_dir(cfg)
+    if rank == 0:
+        groups, summary = mine_hard_negatives(
+            split.text_emb, split.image_emb, torch.arange(len(split)),
+            range_min=m.range_min, range_max=m.range_max, num_negatives=m.num_negatives,
+            absolute_margin=m.absolute_margin, relative_margin=m.relative_margin,
+            sampling_strategy=m.sampling_strategy, seed=m.seed,
+            duplicate_of=duplicate_groups(split.keys, split.texts), block_size=m.block_size, use_faiss=m.use_faiss,
+        )  # fmt: skip
+        summary["logit_scale"] = float(model.scale_and_bias()[0])
+        summary["checkpoint"] = str(m.checkpoint)
+        summary["corpus"] = len(split)
+        summary["settings"] = {k: v for k, v in asdict(m).items() if k not in ("checkpoint", "output")}
+        summary["seconds"] = {"encode": encoded_s, "total": time.perf_counter() - start}
+        write_mined(out, groups, summary, split.keys, split.texts)
+        log.info("mined %d negatives for %d queries -> %s", summary["negatives"], summary["queries"], out)
+        print(f"mined {summary['negatives']} hard negatives for {summary['queries']} queries -> {out}")
+    if dist.is_initialized():
+        dist.barrier()  # the files exist for every rank once mine returns
+    return 0
+
+
+def write_mined(output: Path, groups: list[NegativeGroup], summary: dict, keys, texts) -> None:
+    """Write `hard_negatives.jsonl` (one group per line) and `summary.json` under `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / (GROUPS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        for g in groups:
+            f.write(json.dumps(group_to_record(g, keys, texts)) + "\n")
+    os.replace(tmp, output / GROUPS_FILE)
+    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def read_mined(path: str | Path) -> tuple[list[dict], dict]:
+    """Groups and summary written by `mmscale mine` (a directory or the JSONL file itself)."""
+    path = Path(path)
+    jsonl = path / GROUPS_FILE if path.is_dir() else path
+    summary_file = jsonl.parent / SUMMARY_FILE
+    with open(jsonl) as f:
+        groups = [json.loads(line) for line in f if line.strip()]
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return groups, summary
