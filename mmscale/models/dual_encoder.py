@@ -40,9 +40,10 @@ class DualEncoder(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.visual_proj = nn.Linear(vision_width(visual), embed_dim, bias=False)
         self.text_proj = nn.Linear(text_width(text), embed_dim, bias=False)
-        # Stored as a log so that the temperature stays positive under any update.
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        # Stored as a log so that the temperature stays positive under any update. Shape [1], not []:
+        # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_logit_bias)])) if init_logit_bias is not None else None
         self.lock_visual = lock_visual
         self.lock_text = lock_text
         for tower, locked in ((self.visual, lock_visual), (self.text, lock_text)):
@@ -76,10 +77,10 @@ class DualEncoder(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one)."""
+        """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
         # clamp passes no gradient once the cap is hit, which is what stops the temperature there.
-        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp()
-        return scale, self.logit_bias
+        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp().reshape(())
+        return scale, (self.logit_bias.reshape(()) if self.logit_bias is not None else None)
 
     def forward(
         self,
@@ -101,8 +102,6 @@ class DualEncoder(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             out["text_emb"] = self.encode_text(input_ids, attention_mask, normalize)
         out["logit_scale"], out["logit_bias"] = self.scale_and_bias()
-        if out["logit_bias"] is not None:
-            out["logit_bias"] = out["logit_bias"] * 1.0  # a fresh tensor, not the parameter itself (ZeRO-3)
         return out
 
     def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

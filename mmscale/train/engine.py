@@ -1,0 +1,147 @@
+"""DeepSpeed engine setup: the ds config from an mmscale config, parameter groups, AdamW, the lr schedule."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmscale.config import Config
+
+log = logging.getLogger(__name__)
+
+# launch/ds/ beside the package in a source checkout; absent in a wheel, where the built-in base is used.
+DS_TEMPLATES = Path(__file__).resolve().parents[2] / "launch" / "ds"
+
+# Parameters that must never be decayed towards zero, whatever their shape.
+NO_DECAY_NAMES = ("logit_scale", "logit_bias")
+
+
+def ds_template_path(stage: int, offload: bool) -> Path:
+    """The shipped DeepSpeed JSON for a ZeRO stage (and its CPU-offload variant)."""
+    return DS_TEMPLATES / (f"zero{stage}_offload.json" if offload else f"zero{stage}.json")
+
+
+def _load_template(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    path = Path(t.ds_config) if t.ds_config else ds_template_path(t.zero_stage, t.offload)
+    if path.is_file():
+        return json.loads(path.read_text())
+    if t.ds_config:
+        raise FileNotFoundError(f"train.ds_config: file not found: {path}")
+    if t.offload and ds_template_path(t.zero_stage, False).is_file():
+        return json.loads(ds_template_path(t.zero_stage, False).read_text())
+    return {"zero_optimization": {"stage": t.zero_stage}, "zero_allow_untested_optimizer": True}
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict: a template with mmscale's batch, precision, ZeRO and clipping filled in."""
+    t = cfg.train
+    if t.global_batch_size % world_size:
+        raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by world size {world_size}")
+    ds = copy.deepcopy(_load_template(cfg))
+    # One optimizer step per contrastive batch: accumulation happens inside the gradient cache,
+    # never through DeepSpeed's micro-batches (which would split the negatives).
+    ds["train_batch_size"] = t.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.global_batch_size // world_size
+    ds["gradient_accumulation_steps"] = 1
+    # Explicit even when 0: DeepSpeed >= 0.19.3 clips at 1.0 when the key is absent.
+    ds["gradient_clipping"] = float(t.grad_clip)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
+    ds.pop("fp16", None)
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", t.zero_stage) != t.zero_stage:
+        log.warning("ds template has ZeRO stage %s; train.zero_stage=%d wins", zero.get("stage"), t.zero_stage)
+    zero["stage"] = t.zero_stage
+    if t.offload:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW is fine, if slower
+    else:
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.pop("optimizer", None)  # mmscale builds the optimizer and schedule itself
+    ds.pop("scheduler", None)
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for matrices, none for norms, biases, 1-d tensors and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or name.endswith(NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """lr multiplier: linear warmup to 1 over `warmup_steps`, then cosine down to `min_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over `param_groups` with the train section's lr, betas, eps and weight decay."""
+    t = cfg.train
+    return torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay
+    )
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to `train.min_lr`, stepped once per optimizer step."""
+    t = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr))
+
+
+def init_distributed(timeout_s: int = 1800) -> None:
+    """Start the process group (the accelerator's backend: nccl on GPUs, gloo/ccl on CPU) if not yet up."""
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+
+
+def build_engine(
+    cfg: Config,
+    model: nn.Module,
+    world_size: int,
+    optimizer: torch.optim.Optimizer | Callable[[Iterable], torch.optim.Optimizer] | None = None,
+    ds_config: dict[str, Any] | None = None,
+):
+    """(engine, optimizer, scheduler): the model wrapped by DeepSpeed with AdamW and warmup-cosine.
+
+    `optimizer` overrides AdamW (tests use SGD); `ds_config` overrides `build_ds_config(cfg, world_size)`.
+    """
+    import deepspeed
+
+    init_distributed(cfg.train.timeout_s)
+    optimizer = optimizer if optimizer is not None else build_optimizer(cfg, model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(param_groups(model, cfg.train.weight_decay))
+    scheduler = build_scheduler(cfg, optimizer)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config if ds_config is not None else build_ds_config(cfg, world_size),
+    )
+    return engine, ds_optimizer, ds_scheduler

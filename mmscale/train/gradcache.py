@@ -1,0 +1,170 @@
+"""One contrastive training step whose memory depends on the chunk size, not on the batch size.
+
+Gradient caching (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup"). The loss L(e, s) depends on the parameters θ only through the embeddings
+e = f_θ(x) of the whole global batch and the logit scale/bias s = g_θ. By the chain rule
+
+    dL/dθ = Σ_chunks (∂e_c/∂θ)ᵀ · ∂L/∂e_c  +  (∂s/∂θ)ᵀ · ∂L/∂s.
+
+So: (1) embed every chunk without a graph; (2) compute the loss on the gathered global batch and
+backpropagate only to the embeddings and s, caching ∂L/∂e and ∂L/∂s; (3) re-embed each chunk WITH
+a graph and backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c), whose gradient w.r.t. θ is
+exactly the first term; the second term rides on the last chunk as s · stopgrad(∂L/∂s). Pass 2
+restores each chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is
+then the exact gradient of the loss that pass 1 computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors the dual encoder takes, moved to the engine's device (other batch keys are ignored)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def split_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split every input along the batch dim into chunks of `chunk_size` (the last may be smaller)."""
+    n = next(iter(inputs.values())).shape[0]
+    return [{k: v[start:start + chunk_size] for k, v in inputs.items()} for start in range(0, n, chunk_size)]
+
+
+def get_rng_state() -> dict[str, Any]:
+    """CPU (and, when in use, CUDA) generator states: what dropout draws from."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generator states saved by `get_rng_state`."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_ranks_finite(loss: torch.Tensor) -> bool:
+    """True only if the loss is finite on EVERY rank (a collective, so all ranks take the same branch)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def supports_coalesced_reduction(engine) -> bool:
+    """Whether `engine.coalesce_grad_reduction()` works: ZeRO 1/2/3 optimizers, not stage 0 nor BF16_Optimizer."""
+    return (
+        hasattr(engine, "coalesce_grad_reduction")
+        and engine.zero_optimization_stage() in (1, 2, 3)
+        and hasattr(engine.optimizer, "_coalesce_grad_reduction")
+        and not getattr(engine, "pipeline_parallelism", False)
+        and engine.managed_gradient_accumulation()
+    )
+
+
+@contextlib.contextmanager
+def single_reduction(engine, n_chunks: int) -> Iterator[list[contextlib.AbstractContextManager]]:
+    """Arrange ONE gradient reduction over n_chunks backward calls; yields a context per chunk.
+
+    ZeRO 1/2/3: all backwards inside `coalesce_grad_reduction`, which reduces once on exit.
+    Stage 0 and the BF16_Optimizer wrapper: `no_sync` for all but the last chunk; the last
+    backward's all-reduce then averages the gradients accumulated over every chunk.
+    """
+    if supports_coalesced_reduction(engine):
+        with engine.coalesce_grad_reduction():
+            yield [contextlib.nullcontext() for _ in range(n_chunks)]
+        return
+    if engine.zero_optimization_partition_gradients():
+        raise NotImplementedError(
+            f"gradient cache: no single-reduction path for ZeRO stage {engine.zero_optimization_stage()} "
+            f"with optimizer {type(engine.optimizer).__name__}"
+        )
+    yield [engine.no_sync() for _ in range(n_chunks - 1)] + [contextlib.nullcontext()]
+
+
+def _result(loss: torch.Tensor, components: dict[str, float], finite: bool, n_chunks: int) -> dict[str, Any]:
+    return {**components, "loss": float(loss.detach()), "finite": finite, "chunks": n_chunks}
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int) -> dict[str, Any]:
+    """Accumulate the exact global-batch gradient into `engine` chunk by chunk; the caller then calls `engine.step()`.
+
+    Returns the loss components plus `finite` (agreed on all ranks) and `chunks`. When `finite` is
+    False no gradient reached the engine on any rank: the caller should skip `engine.step()`.
+    Collective: every rank must call it with the same per-rank batch size.
+    """
+    chunks = split_chunks(model_inputs(batch, engine.device), chunk_size)
+
+    # Pass 1: embeddings only, no activations kept.
+    rng_states, image_parts, text_parts = [], [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            rng_states.append(get_rng_state())
+            out = engine(**chunk)
+            image_parts.append(out["image_emb"])
+            text_parts.append(out["text_emb"])
+    rng_after = get_rng_state()
+
+    # Loss on the global batch; backward to the cached leaves only (the gather's backward is an
+    # all-reduce, so this too runs on every rank).
+    image_emb = torch.cat(image_parts).float().requires_grad_(True)
+    text_emb = torch.cat(text_parts).float().requires_grad_(True)
+    scale = out["logit_scale"].detach().float().requires_grad_(True)
+    bias = out["logit_bias"].detach().float().requires_grad_(True) if out["logit_bias"] is not None else None
+    with torch.enable_grad():
+        loss, components = loss_fn(image_emb, text_emb, scale, bias)
+    if not all_ranks_finite(loss):
+        return _result(loss, components, False, len(chunks))
+    leaves = [image_emb, text_emb, scale] + ([bias] if bias is not None else [])
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    image_grad, text_grad = grads[0].split(chunk_size), grads[1].split(chunk_size)
+    scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
+
+    # Pass 2: re-embed with a graph under the same RNG state and push the cached gradients through.
+    with single_reduction(engine, len(chunks)) as chunk_contexts:
+        for i, (chunk, context) in enumerate(zip(chunks, chunk_contexts)):
+            set_rng_state(rng_states[i])
+            with context:
+                out = engine(**chunk)
+                # d/dθ Σ e·g = (∂e/∂θ)ᵀ g with g held constant: the chunk's share of dL/dθ.
+                surrogate = (out["image_emb"].float() * image_grad[i]).sum()
+                surrogate = surrogate + (out["text_emb"].float() * text_grad[i]).sum()
+                if i == len(chunks) - 1:
+                    # The scale/bias term of the chain rule, added exactly once per step.
+                    for name, g in scalar_grads:
+                        surrogate = surrogate + (out[name].float() * g).sum()
+                engine.backward(surrogate, scale_wrt_gas=False)
+    set_rng_state(rng_after)
+    return _result(loss, components, True, len(chunks))
+
+
+def plain_step(engine, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, Any]:
+    """One ordinary forward/backward over the whole per-rank batch (gradient cache off)."""
+    out = engine(**model_inputs(batch, engine.device))
+    loss, components = loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
+    if not all_ranks_finite(loss):
+        return _result(loss, components, False, 1)
+    engine.backward(loss)
+    return _result(loss, components, True, 1)
+
+
+def train_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, gradcache: bool = True) -> dict:
+    """`gradcache_step` or `plain_step` as `train.gradcache` says (no optimizer step)."""
+    return gradcache_step(engine, batch, loss_fn, chunk_size) if gradcache else plain_step(engine, batch, loss_fn)

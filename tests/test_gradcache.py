@@ -1,0 +1,210 @@
+"""Gradient exactness: 2 ranks x 2 chunks under DeepSpeed ZeRO equal one process on the whole batch.
+
+Two gloo CPU ranks each take 8 of 16 samples and run `gradcache_step` with chunks of 4; the test
+process computes the same step in plain torch on all 16 samples with the losses written out
+densely here. Every parameter's full gradient (gathered from the ZeRO partitions, the logit
+scale included) and every parameter after one SGD step must agree to 1e-5 (relative to the tensor's
+largest entry where that exceeds 1).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmscale.config import load_config
+from mmscale.models import build_dual_encoder
+
+WORLD, PER_RANK, CHUNK, LR = 2, 8, 4, 0.1
+TOL = 1e-5
+NO_DROPOUT = ["model.text.config.hidden_dropout_prob=0.0", "model.text.config.attention_probs_dropout_prob=0.0"]
+DROPOUT = [
+    "model.text.config.hidden_dropout_prob=0.2",
+    "model.text.config.attention_probs_dropout_prob=0.2",
+    "model.vision.timm_kwargs.proj_drop_rate=0.2",
+    "model.vision.timm_kwargs.attn_drop_rate=0.2",
+    "model.vision.grad_checkpointing=true",
+    "model.text.grad_checkpointing=true",
+]
+# A bias near the logits' range: with the paper's -10 at this tiny scale every pair sits deep in the
+# sigmoid's tail and gradients grow to ~1e2, where fp32 rounding alone exceeds an absolute 1e-5.
+SIGLIP = ["loss.kind=siglip", "model.init_logit_bias=-2.0"]
+# name -> (config overrides, dropout on). Dropout cases compare against a reference that draws its
+# masks chunk by chunk under each rank's seed, as pass 1 does.
+CASES: dict[str, tuple[list[str], bool]] = {
+    "zero0_clip": (["train.zero_stage=0", *NO_DROPOUT], False),
+    "zero1_clip": (["train.zero_stage=1", *NO_DROPOUT], False),
+    "zero2_clip": (["train.zero_stage=2", *NO_DROPOUT], False),
+    "zero3_clip": (["train.zero_stage=3", *NO_DROPOUT], False),
+    "zero2_siglip": (["train.zero_stage=2", *SIGLIP, *NO_DROPOUT], False),
+    "zero3_siglip_matryoshka": (
+        ["train.zero_stage=3", *SIGLIP, "loss.matryoshka_dims=[8,16]", *NO_DROPOUT],
+        False,
+    ),
+    "zero1_clip_matryoshka": (
+        ["train.zero_stage=1", "loss.matryoshka_dims=[8,16]", "loss.matryoshka_weights=[0.5,2.0]", *NO_DROPOUT],
+        False,
+    ),
+    "zero2_clip_dropout_ckpt": (["train.zero_stage=2", *DROPOUT], True),
+}
+
+
+def case_config(name: str):
+    overrides, _ = CASES[name]
+    base = [
+        f"train.global_batch_size={WORLD * PER_RANK}",
+        f"train.chunk_size={CHUNK}",
+        f"train.lr={LR}",
+        "train.grad_clip=0",
+        "train.weight_decay=0",
+        "train.warmup_steps=0",
+        "model.init_logit_scale=2.0",  # a moderate temperature keeps all gradients well away from 0
+    ]
+    return load_config("launch/configs/tiny.yaml", base + overrides)
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    n, length = WORLD * PER_RANK, 16
+    mask = (torch.arange(length)[None] < torch.randint(4, length + 1, (n, 1), generator=g)).long()
+    return {
+        "pixel_values": torch.randn(n, 3, 32, 32, generator=g),
+        "input_ids": torch.randint(1000, 5000, (n, length), generator=g) * mask,
+        "attention_mask": mask,
+    }
+
+
+def rank_seed(rank: int) -> int:
+    return 1000 + rank
+
+
+def new_model(cfg):
+    torch.manual_seed(0)
+    return build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip")
+
+
+# --------------------------------------------------------------------------- dense references
+
+
+def dense_loss(cfg, img, txt, scale, bias):
+    """The full-batch loss written from the formulas, Matryoshka prefixes included."""
+    def one(a, b):
+        logits = scale * a @ b.T
+        eye = torch.eye(len(a))
+        if cfg.loss.kind == "clip":
+            return -(logits.log_softmax(1).diag().mean() + logits.log_softmax(0).diag().mean()) / 2
+        return -torch.log(torch.sigmoid((2 * eye - 1) * (logits + bias))).sum() / len(a)
+
+    total = one(img, txt)
+    weights = cfg.loss.matryoshka_weights or [1.0] * len(cfg.loss.matryoshka_dims)
+    for dim, w in zip(cfg.loss.matryoshka_dims, weights):
+        if dim < img.shape[1]:
+            total = total + w * one(F.normalize(img[:, :dim], dim=-1), F.normalize(txt[:, :dim], dim=-1))
+    return total
+
+
+def reference_step(name: str) -> dict:
+    """Plain torch, one process: loss on all 16 samples, full gradients, params after one SGD step."""
+    cfg = case_config(name)
+    _, dropout = CASES[name]
+    model = new_model(cfg).train()
+    batch = global_batch()
+    if dropout:
+        # Same masks as the ranks draw: rank r's seed, its rows, chunk by chunk.
+        parts = []
+        for rank in range(WORLD):
+            torch.manual_seed(rank_seed(rank))
+            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            for start in range(0, PER_RANK, CHUNK):
+                chunk = {k: v[rows][start:start + CHUNK] for k, v in batch.items()}
+                parts.append(model(**chunk))
+        img = torch.cat([p["image_emb"] for p in parts])
+        txt = torch.cat([p["text_emb"] for p in parts])
+    else:
+        out = model(**batch)
+        img, txt = out["image_emb"], out["text_emb"]
+    scale, bias = model.scale_and_bias()
+    loss = dense_loss(cfg, img, txt, scale, bias)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    params = {n: (p - LR * p.grad).detach() for n, p in model.named_parameters()}
+    return {"loss": loss.item(), "grads": grads, "params": params}
+
+
+# --------------------------------------------------------------------------- the ranks
+
+
+def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from mmscale.losses import build_loss
+    from mmscale.train.engine import build_ds_config, build_engine
+    from mmscale.train.gradcache import gradcache_step
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    batch = {k: v[rows] for k, v in global_batch().items()}
+    for name in names:
+        cfg = case_config(name)
+        ds = build_ds_config(cfg, WORLD)
+        if cfg.train.zero_stage == 3:
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the logit scale
+        model = new_model(cfg)
+        engine, _, _ = build_engine(cfg, model, WORLD, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
+                                    ds_config=ds)
+        torch.manual_seed(rank_seed(rank))
+        result = gradcache_step(engine, batch, build_loss(cfg.loss), CHUNK)
+        loss = torch.tensor(result["loss"])
+        dist.all_reduce(loss)
+        # Collective on every rank, same order: ZeRO partitions are gathered into full gradients.
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        engine.step()
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        if rank == 0:
+            torch.save({"loss": loss.item() / WORLD, "grads": grads, "params": params, "result": result},
+                       Path(out_dir) / f"{name}.pt")
+        engine.destroy() if hasattr(engine, "destroy") else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results():
+    """Run every case on two gloo ranks in one spawn (DeepSpeed start-up dominates the cost)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_worker, args=(free_port(), out_dir, list(CASES)), nprocs=WORLD, join=True)
+        yield {name: torch.load(Path(out_dir) / f"{name}.pt") for name in CASES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcache_matches_full_batch_step(rank_results, name):
+    got, ref = rank_results[name], reference_step(name)
+    assert got["result"]["finite"] and got["result"]["chunks"] == PER_RANK // CHUNK
+    assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert got["grads"].keys() == ref["grads"].keys()
+    assert got["grads"]["logit_scale"].abs().item() > 1e-4  # the scale gradient is real, not trivially 0
+    for kind in ("grads", "params"):
+        for param_name, expected in ref[kind].items():
+            diff = (got[kind][param_name].float() - expected).abs().max().item()
+            # 1e-5 absolute; relative for tensors above 1 in size (SigLIP sums over N columns and its
+            # gradients reach ~1e2, where one fp32 ulp of a different summation order is ~1e-5).
+            tol = TOL * max(1.0, expected.abs().max().item())
+            assert diff <= tol, f"{kind} {param_name}: max abs diff {diff:.2e} > {tol:.2e}"
