@@ -41,6 +41,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop
     remainder: str = "drop"  # epoch-end samples that do not fill a batch on every rank: drop | pad
     shard_retries: int = 3  # attempts to open an unreachable shard before it is skipped
+    shard_retry_delay: float = 0.5  # seconds before the first retry of a shard, doubling after each
     prefetch_factor: int = 4
 
 
@@ -385,6 +386,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     )
     _check(bool(d.image_keys.strip(";")), "data.image_keys", "must name at least one extension")
     _check(d.shard_retries >= 1, "data.shard_retries", "must be >= 1")
+    _check(d.shard_retry_delay >= 0, "data.shard_retry_delay", "must be >= 0")
     if d.train_weights:
         n_sources = len(d.train.split("::")) if d.train else 0
         _check(

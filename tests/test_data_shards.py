@@ -1,0 +1,222 @@
+"""Shard sources and raw reading: url expansion, sample counts, bad samples by reason, pipe:, img2dataset layout.
+
+Also holds the tiny shard writers the other `test_data_*` files import.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmscale.data import build_eval_loader, expand_urls, parse_sources, shard_sample_counts
+from mmscale.data import manifest as manifest_mod
+from mmscale.data.shards import read_shard
+
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+# --------------------------------------------------------------------------- fixture writers
+
+
+def encode_image(seed: int, size: int = 16, fmt: str = "JPEG") -> bytes:
+    """A small random RGB image, encoded."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size + 3, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_tar(path: str | Path, members: list[tuple[str, bytes]]) -> str:
+    """A tar of (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def sample_members(key: str, seed: int, ext: str = "jpg", caption: str | None = None) -> list[tuple[str, bytes]]:
+    fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext]
+    return [(f"{key}.{ext}", encode_image(seed, fmt=fmt)), (f"{key}.txt", (caption or f"a photo of {key}").encode())]
+
+
+def make_shards(
+    root: str | Path, sizes: list[int], *, prefix: str = "", ext: str = "jpg", first_shard: int = 0
+) -> list[str]:
+    """Shards `root/{prefix}{NNNNN}.tar` holding `sizes[i]` samples each, img2dataset-style 9-digit keys."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, n in enumerate(sizes):
+        shard = first_shard + i
+        members = []
+        for j in range(n):
+            members += sample_members(f"{prefix}{shard:05d}{j:04d}", seed=shard * 10_000 + j, ext=ext)
+        paths.append(write_tar(root / f"{prefix}{shard:05d}.tar", members))
+    return paths
+
+
+def all_keys(paths: list[str], prefix: str = "") -> set[str]:
+    keys = set()
+    for p in paths:
+        with tarfile.open(p) as tar:
+            keys |= {m.name.split(".")[0] for m in tar if m.isreg()}
+    return keys
+
+
+def ids_tokenizer(texts: list[str]) -> list[list[int]]:
+    """A stand-in tokenizer (callable returning ids, 0 = padding): fast and dependency free."""
+    return [[1 + (ord(c) % 50) for c in t[:12]] for t in texts]
+
+
+# --------------------------------------------------------------------------- urls
+
+
+def test_expand_urls_braces_directories_and_sources(tmp_path):
+    paths = make_shards(tmp_path / "a", [1, 1, 1])
+    make_shards(tmp_path / "b", [1, 1], prefix="b")
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    assert expand_urls(str(tmp_path / "a" / "{00000..00002}.tar")) == paths
+    assert expand_urls(str(tmp_path / "a")) == paths  # a directory is its *.tar, sorted
+    both = expand_urls(f"{tmp_path / 'a'}::{tmp_path / 'b'}")
+    assert len(both) == 5 and both[:3] == paths
+    assert expand_urls("pipe:cat /x/{0..1}.tar") == ["pipe:cat /x/0.tar", "pipe:cat /x/1.tar"]
+    assert expand_urls("https://h/s-{000..001}.tar") == ["https://h/s-000.tar", "https://h/s-001.tar"]
+    sources = parse_sources(f"{tmp_path / 'a'}::{tmp_path / 'b'}", [3.0, 1.0])
+    assert [s.weight for s in sources] == [3.0, 1.0] and len(sources[1].urls) == 2
+
+
+def test_expand_urls_refuses_bad_specs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no \\*.tar"):
+        expand_urls(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="2 weights .* 1 sources"):
+        parse_sources(str(tmp_path / "x.tar"), [1.0, 2.0])
+    with pytest.raises(ValueError, match="empty source"):
+        expand_urls(f"{tmp_path}/x.tar::")
+    with pytest.raises(ValueError, match="no shard urls"):
+        expand_urls("")
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def test_counts_come_from_stats_json_manifest(tmp_path, monkeypatch):
+    paths = make_shards(tmp_path, [3, 5])
+    manifest = {"shards": [{"name": "00000.tar", "samples": 3}, {"name": "00001.tar", "samples": 5}]}
+    (tmp_path / "stats.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(manifest_mod, "scan_tar", lambda url: pytest.fail(f"scanned {url} despite a manifest"))
+    assert shard_sample_counts(paths) == {paths[0]: 3, paths[1]: 5}
+
+
+def test_counts_by_header_scan_when_no_manifest(tmp_path):
+    paths = make_shards(tmp_path, [4, 0, 7])
+    assert list(shard_sample_counts(paths).values()) == [4, 0, 7]
+    assert shard_sample_counts([f"pipe:cat {paths[2]}"]) == {f"pipe:cat {paths[2]}": 7}
+
+
+# --------------------------------------------------------------------------- raw reading and bad samples
+
+
+def _truncated_shard(path: Path) -> str:
+    """Four samples, cut in the middle of the third one's image."""
+    members = []
+    for j in range(4):
+        members += sample_members(f"trunc{j:04d}", seed=j, ext="png")
+    write_tar(path, members)
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        third = [m for m in tar if m.name == "trunc0002.png"][0]
+    path.write_bytes(data[: third.offset_data + third.size // 2])
+    return str(path)
+
+
+def test_truncated_tar_delivers_samples_before_the_damage(tmp_path):
+    url = _truncated_shard(tmp_path / "t.tar")
+    bad: Counter = Counter()
+    keys = [s["__key__"] for s in read_shard(url, bad, retries=3, retry_delay=0)]
+    assert keys == ["trunc0000", "trunc0001"]
+    assert bad == {"truncated_tar": 1}
+
+
+def test_unreachable_shard_is_retried_then_counted(tmp_path):
+    bad: Counter = Counter()
+    assert list(read_shard(str(tmp_path / "missing.tar"), bad, retries=2, retry_delay=0)) == []
+    assert list(read_shard(f"pipe:cat {tmp_path / 'missing.tar'}", bad, retries=2, retry_delay=0)) == []
+    assert bad == {"unreachable_shard": 2}
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar archive" * 100)
+    assert list(read_shard(str(tmp_path / "garbage.tar"), bad, retries=1, retry_delay=0)) == []
+    assert bad["unreadable_tar"] == 1
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
+    good = sample_members("000000000", seed=0) + sample_members("000000001", seed=1, ext="png")
+    members = (
+        good
+        + [("000000002.jpg", b"\xff\xd8 garbage, not a jpeg"), ("000000002.txt", b"broken image")]
+        + [("000000003.jpg", encode_image(3))]  # no caption
+        + [("000000004.jpg", encode_image(4)), ("000000004.txt", b"   \n")]  # empty caption
+        + [("000000005.txt", b"caption without an image")]
+        + [("000000006.jpg", encode_image(6, size=64)), ("000000006.txt", b"too large")]
+        + sample_members("000000007", seed=7, ext="webp")
+    )
+    shard = write_tar(tmp_path / "00000.tar", members)
+    trunc = _truncated_shard(tmp_path / "00001.tar")
+    missing = str(tmp_path / "00002.tar")
+    loader = build_eval_loader(
+        f"{tmp_path}/{{00000..00002}}.tar", batch_size=4, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+        tokenizer=ids_tokenizer, max_length=8, workers=0, max_pixels=40 * 40, shard_retries=2, shard_retry_delay=0,
+    )
+    keys = [k for batch in loader for k in batch["key"]]
+    assert keys == ["000000000", "000000001", "000000007", "trunc0000", "trunc0001"]
+    assert loader.bad_samples == {
+        "empty_caption": 1, "missing_caption": 1, "missing_image": 1, "too_many_pixels": 1,
+        "truncated_tar": 1, "undecodable_image": 1, "unreachable_shard": 1,
+    }
+    assert os.path.exists(shard) and os.path.exists(trunc) and not os.path.exists(missing)
+
+
+def test_pipe_cat_reads_like_a_file(tmp_path):
+    make_shards(tmp_path, [3, 2])
+    kwargs = dict(batch_size=2, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+                  tokenizer=ids_tokenizer, max_length=8, workers=0)
+    by_file = [b["key"] for b in build_eval_loader(f"{tmp_path}/{{00000..00001}}.tar", **kwargs)]
+    by_pipe = [b["key"] for b in build_eval_loader(f"pipe:cat {tmp_path}/{{00000..00001}}.tar", **kwargs)]
+    assert by_pipe == by_file and sum(map(len, by_file)) == 5
+
+
+def test_img2dataset_layout(tmp_path, monkeypatch):
+    """9-digit keys, .json sidecars, NNNNN_stats.json and .parquet beside the tars."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard, n in enumerate([3, 4]):
+        members, rows = [], []
+        for j in range(n):
+            key = f"{shard:05d}{j:04d}"
+            meta = {"key": key, "caption": f"json caption {key}", "status": "success", "width": 16}
+            members += [(f"{key}.jpg", encode_image(j)), (f"{key}.json", json.dumps(meta).encode()),
+                        (f"{key}.txt", f"txt caption {key}".encode())]
+            rows.append(meta)
+        write_tar(tmp_path / f"{shard:05d}.tar", members)
+        (tmp_path / f"{shard:05d}_stats.json").write_text(json.dumps({"count": n + 1, "successes": n}))
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{shard:05d}.parquet")
+    urls = expand_urls(str(tmp_path))
+    assert [os.path.basename(u) for u in urls] == ["00000.tar", "00001.tar"]
+    monkeypatch.setattr(manifest_mod, "scan_tar", lambda url: pytest.fail("img2dataset stats were not used"))
+    assert list(shard_sample_counts(urls).values()) == [3, 4]
+    loader = build_eval_loader(str(tmp_path), batch_size=8, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+                               tokenizer=ids_tokenizer, max_length=8, workers=0, text_key="json:caption")
+    (batch,) = list(loader)
+    assert batch["key"] == [f"00000{j:04d}" for j in range(3)] + [f"00001{j:04d}" for j in range(4)]
+    assert batch["text"][0] == "json caption 000000000"
+    assert len(batch["key"][0]) == 9
