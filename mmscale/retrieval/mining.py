@@ -238,7 +238,7 @@ def run_mine(cfg) -> int:
             sampling_strategy=m.sampling_strategy, seed=m.seed,
             duplicate_of=duplicate_groups(split.keys, split.texts), block_size=m.block_size, use_faiss=m.use_faiss,
         )  # fmt: skip
-        summary["logit_scale"] = float(model.scale_and_bias()[0])
+        summary["logit_scale"] = float(model.scale_and_bias()[0].detach())
         summary["checkpoint"] = str(m.checkpoint)
         summary["corpus"] = len(split)
         summary["settings"] = {k: v for k, v in asdict(m).items() if k not in ("checkpoint", "output")}

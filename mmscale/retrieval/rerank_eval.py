@@ -68,7 +68,9 @@ def evaluate_rerank(
             image_tokens[cand.flatten()].to(device),
         ).view(len(queries), rk)
         order = scores.float().cpu().argsort(dim=1, descending=True)
-        reranked_local.extend(zip(queries, cand.gather(1, order).tolist()))
+        # Below the re-ranked top_k the bi-encoder's order stands, so @k beyond top_k stays comparable.
+        tail = candidates[queries, rk:].tolist()
+        reranked_local.extend((q, head + rest) for q, head, rest in zip(queries, cand.gather(1, order).tolist(), tail))
     reranker.train(was_training)
 
     reranked = dict(gather_list(reranked_local))

@@ -132,7 +132,7 @@ def train_reranker(cfg: Config) -> int:
         cfg.mine.data or cfg.data.train, wanted, image_size=model_cfg.vision.image_size, mean=mean, std=std,
         tokenizer=tokenizer, max_length=model_cfg.text.max_length,
     )  # fmt: skip
-    scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(teacher.scale_and_bias()[0])
+    scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(teacher.scale_and_bias()[0].detach())
     data = RerankGroups(records, images, tokenizer, model_cfg.text.max_length, r.group_size, scale)
     if len(data) == 0:
         raise ValueError(f"no mined group has {r.group_size - 1} negatives with images; lower rerank.group_size")

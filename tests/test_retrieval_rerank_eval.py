@@ -1,0 +1,64 @@
+"""evaluate_rerank: bi-encoder alone vs its top-k re-ordered by a reranker, on a case with known answers."""
+
+import pytest
+import torch
+from torch import nn
+
+from mmscale.retrieval.rerank_eval import evaluate_rerank, format_rerank_table
+
+N = 6
+
+
+class ShiftedBiEncoder(nn.Module):
+    """Ranks the right image second for every caption: caption i is closest to image i + 1."""
+
+    def encode_image(self, pixels):
+        return nn.functional.one_hot(pixels[:, 0].long(), N).float()
+
+    def encode_text(self, input_ids, attention_mask):
+        i = input_ids[:, 0]
+        return nn.functional.normalize(
+            nn.functional.one_hot((i + 1) % N, N).float() + 0.5 * nn.functional.one_hot(i, N).float(), dim=1
+        )
+
+
+class OracleReranker(nn.Module):
+    """Scores 1 for the matching (caption, image) pair and 0 otherwise."""
+
+    def encode_image_tokens(self, pixels):
+        return pixels.float().view(-1, 1, 1)
+
+    def encode_text_tokens(self, input_ids, attention_mask):
+        return input_ids.float().view(-1, 1, 1)
+
+    def fuse(self, text_tokens, attention_mask, image_tokens):
+        return (text_tokens[:, 0, 0] == image_tokens[:, 0, 0]).float()
+
+
+def _tokenizer(texts):
+    return {"input_ids": [[int(t[1:])] for t in texts]}
+
+
+def _batches():
+    for start in (0, 4):  # two batches of unequal size
+        idx = list(range(start, min(start + 4, N)))
+        yield {
+            "image": torch.tensor(idx, dtype=torch.float).view(-1, 1),
+            "input_ids": torch.tensor(idx).view(-1, 1),
+            "attention_mask": torch.ones(len(idx), 1, dtype=torch.long),
+            "key": [f"k{i}" for i in idx],
+            "text": [f"t{i}" for i in idx],
+        }
+
+
+def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
+    results = evaluate_rerank(
+        ShiftedBiEncoder(), OracleReranker(), _batches(), tokenizer=_tokenizer, max_length=1, top_k=3, ks=(1, 2, 5)
+    )
+    assert results["queries"] == N and results["top_k"] == 3
+    assert results["bi_encoder"]["recall@1"] == 0.0 and results["bi_encoder"]["recall@2"] == 1.0
+    assert results["bi_encoder"]["mrr@10"] == pytest.approx(0.5)
+    assert results["reranked"]["recall@1"] == 1.0 and results["reranked"]["mrr@10"] == 1.0
+    assert results["reranked"]["recall@5"] == 1.0  # beyond top_k the bi-encoder's order is kept
+    table = format_rerank_table(results)
+    assert "recall@1" in table and "+ reranker (top 3)" in table
