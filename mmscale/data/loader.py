@@ -111,7 +111,7 @@ class StreamingLoader:
     def __len__(self) -> int:
         n = self.batches_per_epoch
         if n is None:
-            raise TypeError("a resampled loader is endless and has no length")
+            raise TypeError(f"a {self.spec.mode} loader has no fixed length (resampled: endless; eval: per rank)")
         return n
 
     def _check_rank_sizes(self) -> None:
@@ -219,10 +219,16 @@ class StreamingLoader:
             if mark > self._positions.get(worker, (0, 0)):
                 self._positions[worker] = mark
 
-    def _emit(self, records: list[tuple], fill: list[tuple] | None = None) -> dict:
+    def _emit_records(self, records: list[tuple], fill: list[tuple] | None = None) -> dict:
         self._advance(records)
         self.batches_done += 1
         return _stack(records + (fill or []))
+
+    def _emit_batch(self, batch: dict) -> dict:
+        # A whole worker batch goes out as it came (no copy); its last sample carries the position.
+        self._advance(_records(batch)[-1:])
+        self.batches_done += 1
+        return _public(batch)
 
     def __iter__(self) -> Iterator[dict]:
         if self.spec.mode == "epoch":
@@ -236,9 +242,7 @@ class StreamingLoader:
         for batch in self._dataloader(self.max_workers):
             self._consume(batch)
             if batch["key"]:
-                self._advance(_records(batch)[-1:])  # the last sample carries the worker's position
-                self.batches_done += 1
-                yield _public(batch)
+                yield self._emit_batch(batch)
 
     def _iter_eval(self) -> Iterator[dict]:
         for batch in self._dataloader(self.workers_for_epoch()):
@@ -250,26 +254,22 @@ class StreamingLoader:
     def _iter_epoch(self) -> Iterator[dict]:
         target = self.batches_per_epoch
         b = self.spec.batch_size
-        tails: list[tuple] = []
+        tails: list[tuple] = []  # leftovers of finished workers, merged into batches here
         pad_pool: list[tuple] = []
         if self.batches_done < target:
             loader = self._dataloader(self.workers_for_epoch())
             for batch in loader:
                 self._consume(batch)
-                records = _records(batch)
-                if batch["_last"]:
-                    tails.extend(records)
-                    ready = []
-                    while len(tails) >= b:
-                        ready.append(tails[:b])
-                        tails = tails[b:]
+                if not batch["_last"]:
+                    if not pad_pool:
+                        pad_pool = _records(batch)
+                    yield self._emit_batch(batch)
                 else:
-                    ready = [records]
-                for group in ready:
-                    pad_pool = pad_pool or group
-                    yield self._emit(group)
-                    if self.batches_done >= target:
-                        break
+                    tails.extend(_records(batch))
+                    while len(tails) >= b and self.batches_done < target:
+                        group, tails = tails[:b], tails[b:]
+                        pad_pool = pad_pool or group
+                        yield self._emit_records(group)
                 if self.batches_done >= target:
                     break
             del loader
@@ -278,7 +278,7 @@ class StreamingLoader:
             pool = tails + pad_pool or self._first_samples()
             fill = [pool[i % len(pool)] for i in range(b - len(tails))]
             self.padded_samples += len(fill)
-            yield self._emit(tails, fill)
+            yield self._emit_records(tails, fill)
             tails = []
         self._fold_bad_counts()
         self.epoch += 1
