@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from mmscale.config import ConfigError, load_config, validate_world
+from mmscale.config import ConfigError, DataConfig, load_config, validate_world
 
 
 def _world_size() -> int:
@@ -121,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shard urls")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--truncate-dim", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--truncate-dim", type=int, default=0, help="keep this Matryoshka prefix (0: full)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--text-key", default=DataConfig.text_key, help="as data.text_key")
+    p.add_argument("--image-keys", default=DataConfig.image_keys, help="as data.image_keys")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into a model directory")

@@ -73,6 +73,8 @@ def key_owners(cls: type = Config, prefix: str = "") -> dict[str, tuple[str, str
 
 def format_default(value: Any) -> str:
     """A default as the user would write it in YAML (floats shortened to 6 significant digits)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

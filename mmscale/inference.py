@@ -1,0 +1,386 @@
+"""Inference: `mmscale.load(path)` -> encode texts and images, compare them, re-rank; `mmscale encode` for shards.
+
+`load` accepts an export directory (see mmscale/export.py) or a training checkpoint (a step
+directory or a run's output_dir, consolidated in memory). Images go through exactly the eval
+transform the training data pipeline uses (`mmscale.data.transforms`), texts through the same
+tokenisation, so an embedding here equals the one evaluation computed during training.
+
+Embeddings come back as float32 CPU tensors, L2-normalised unless `normalize=False`.
+`truncate_dim=k` keeps the first k coordinates of the *un-normalised* embedding and then
+normalises them (the Matryoshka prefix); since normalising rescales a row by a positive
+number, this equals the normalised prefix of the normalised embedding as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, preprocess_settings, read_export
+
+ImageInput = Image.Image | str | os.PathLike | torch.Tensor
+MAX_PIXELS = 50_000_000  # as data.max_pixels: refuse decompression bombs here too
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass
+class Preprocess:
+    """The eval image transform as settings: shorter-side resize to `image_size`, centre crop, normalise."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Preprocess:
+        """From `preprocess.json` (or `export.preprocess_settings`)."""
+        return cls(int(settings["image_size"]), tuple(settings["mean"]), tuple(settings["std"]))
+
+    def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Float pixels [B, 3, S, S] for a list of PIL images, image paths or uint8 [3, H, W] tensors."""
+        from mmscale.data.transforms import eval_transform, normalize
+
+        return normalize(torch.stack([eval_transform(to_uint8(im), self.image_size) for im in images]), self.mean, self.std)
+
+
+def to_uint8(image: ImageInput) -> torch.Tensor:
+    """RGB uint8 [3, H, W] from a PIL image, a file path (decoded as the training pipeline does) or a tensor."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensors must be uint8 [3, H, W], got {image.dtype} {tuple(image.shape)}")
+        return image
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if isinstance(image, (str, os.PathLike)):
+        from mmscale.data.decode import decode_rgb
+
+        return decode_rgb(Path(image).read_bytes(), MAX_PIXELS)
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def _progress(iterable: Iterable, total: int, show: bool, desc: str) -> Iterable:
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class EmbeddingModel:
+    """A dual encoder ready for inference: `encode_text`, `encode_image`, `similarity`."""
+
+    kind = "dual_encoder"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: Preprocess, max_length: int, device: str) -> None:
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.max_length = max_length
+        self.device = torch.device(device)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the full embedding."""
+        return self.model.text_proj.out_features
+
+    @property
+    def logit_scale(self) -> float:
+        """The trained temperature multiplier exp(logit_scale): `similarity(a, b) * logit_scale` are CLIP logits."""
+        with torch.no_grad():
+            scale, _ = self.model.scale_and_bias()
+        return float(scale)
+
+    def encode_text(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 64,
+        truncate_dim: int | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Text embeddings [N, D] (float32, CPU); a single string gives [D]."""
+        from mmscale.data.tokenize import tokenize
+
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+
+        def encode(batch: Sequence[str]) -> torch.Tensor:
+            ids, mask = tokenize(self.tokenizer, list(batch), self.max_length)
+            return self.model.encode_text(ids.to(self.device), mask.to(self.device), normalize=False)
+
+        out = self._encode(texts, encode, batch_size, truncate_dim, normalize, show_progress, "text")
+        return out[0] if single else out
+
+    def encode_image(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        batch_size: int = 64,
+        truncate_dim: int | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Image embeddings [N, D] (float32, CPU) of PIL images, paths or uint8 tensors; a single image gives [D]."""
+        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, torch.Tensor) and images.ndim == 3
+        )
+        images = [images] if single else list(images)
+
+        def encode(batch: Sequence[ImageInput]) -> torch.Tensor:
+            return self.model.encode_image(self.preprocess(batch).to(self.device), normalize=False)
+
+        out = self._encode(images, encode, batch_size, truncate_dim, normalize, show_progress, "images")
+        return out[0] if single else out
+
+    def encode_pixels(self, pixels: torch.Tensor, truncate_dim: int | None = None, normalize: bool = True) -> torch.Tensor:
+        """Embeddings of already-preprocessed pixels [B, 3, S, S] (e.g. a batch of the eval data pipeline)."""
+        with torch.inference_mode():
+            emb = self.model.encode_image(pixels.to(self.device), normalize=False)
+        return finish(emb, truncate_dim, normalize, self.embed_dim)
+
+    def encode_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, truncate_dim: int | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Embeddings of already-tokenised texts [B, L]."""
+        with torch.inference_mode():
+            emb = self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device), normalize=False)
+        return finish(emb, truncate_dim, normalize, self.embed_dim)
+
+    def _encode(self, items, encode, batch_size, truncate_dim, normalize, show_progress, desc) -> torch.Tensor:
+        check_truncate_dim(truncate_dim, self.embed_dim)
+        chunks = []
+        with torch.inference_mode():
+            n_batches = -(-len(items) // max(batch_size, 1))
+            for batch in _progress(_batches(items, batch_size), n_batches, show_progress, desc):
+                chunks.append(finish(encode(batch), truncate_dim, normalize, self.embed_dim))
+        if not chunks:
+            return torch.empty(0, truncate_dim or self.embed_dim)
+        return torch.cat(chunks)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix [len(a), len(b)] (re-normalises, so raw embeddings are fine too); no logit scale."""
+        a = a.unsqueeze(0) if a.ndim == 1 else a
+        b = b.unsqueeze(0) if b.ndim == 1 else b
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def check_truncate_dim(truncate_dim: int | None, embed_dim: int) -> None:
+    """Refuse a Matryoshka prefix length outside 1..embed_dim."""
+    if truncate_dim is not None and not 1 <= truncate_dim <= embed_dim:
+        raise ValueError(f"truncate_dim must be in 1..{embed_dim}, got {truncate_dim}")
+
+
+def finish(emb: torch.Tensor, truncate_dim: int | None, normalize: bool, embed_dim: int) -> torch.Tensor:
+    """Truncate an un-normalised embedding to its prefix, then (optionally) L2-normalise: float32 on CPU."""
+    check_truncate_dim(truncate_dim, embed_dim)
+    emb = emb.float()
+    if truncate_dim is not None:
+        emb = emb[:, :truncate_dim]
+    if normalize:
+        emb = F.normalize(emb, dim=-1)
+    return emb.cpu()
+
+
+class RerankerModel:
+    """A cross-encoder ready for inference: `score` (query, image) pairs and `rerank` candidates."""
+
+    kind = "reranker"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: Preprocess, max_length: int, device: str) -> None:
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.max_length = max_length
+        self.device = torch.device(device)
+
+    def score(self, query: str, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
+        """Relevance scores [N] (float32, CPU, higher is better; logits, not probabilities) of `query` vs each image."""
+        from mmscale.data.tokenize import tokenize
+
+        ids, mask = tokenize(self.tokenizer, [query], self.max_length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        scores = []
+        with torch.inference_mode():
+            text = self.model.encode_text_tokens(ids, mask)  # once per query, not per candidate
+            for batch in _batches(list(images), batch_size):
+                image_tokens = self.model.encode_image_tokens(self.preprocess(batch).to(self.device))
+                b = image_tokens.shape[0]
+                scores.append(self.model.fuse(text.expand(b, -1, -1), mask.expand(b, -1), image_tokens).float().cpu())
+        return torch.cat(scores) if scores else torch.empty(0)
+
+    def rerank(
+        self, query: str, images: Sequence[ImageInput], top_k: int | None = None, batch_size: int = 32
+    ) -> list[tuple[int, float]]:
+        """(index into `images`, score) pairs, best first; the best `top_k` only when given."""
+        scores = self.score(query, images, batch_size=batch_size)
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        return [(i, float(scores[i])) for i in order[:top_k]]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> EmbeddingModel | RerankerModel:
+    """A model for inference from an export directory or a training checkpoint (consolidated in memory).
+
+    `dtype` (fp32 | bf16) defaults to the exported one (fp32 for a checkpoint).
+    """
+    from mmscale.models import load_tokenizer
+
+    if is_export_dir(path):
+        model, spec, settings, stored = read_export(path)
+    else:
+        model, spec, _, _ = load_checkpoint_model(path)
+        settings, stored = preprocess_settings(model, spec.model.vision.image_size), "fp32"
+    tokenizer = load_tokenizer(spec.model.text)
+    model = model.to(DTYPES[dtype or stored])
+    cls = RerankerModel if spec.kind == "reranker" else EmbeddingModel
+    return cls(model, tokenizer, Preprocess.from_settings(settings), spec.model.text.max_length, device)
+
+
+# --------------------------------------------------------------------------- encoding shard sets
+
+
+class NpyWriter:
+    """Append float32 rows to a .npy file without holding them all in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raw = path.with_name(path.name + ".part")
+        self.file = open(self.raw, "wb")
+        self.rows = 0
+        self.dim: int | None = None
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Write rows [B, D]."""
+        array = rows.numpy().astype(np.float32, copy=False)
+        self.dim = array.shape[1]
+        self.file.write(np.ascontiguousarray(array).tobytes())
+        self.rows += array.shape[0]
+
+    def close(self, dim: int) -> None:
+        """Write the .npy (header needs the final row count) and drop the raw part."""
+        self.file.close()
+        dim = self.dim or dim
+        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.rows, dim))
+        if self.rows:
+            out[:] = np.memmap(self.raw, dtype=np.float32, mode="r", shape=(self.rows, dim))
+        out.flush()
+        del out
+        self.raw.unlink()
+
+
+def iter_shard_batches(
+    urls: str, batch_size: int, text_key: str, image_keys: str, bad: Counter
+) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
+    """(keys, uint8 images, captions) batches in shard order; bad samples are counted in `bad` and skipped."""
+    from mmscale.data.decode import BadSample, caption, decode_rgb, image_bytes, parse_image_keys
+    from mmscale.data.shards import read_shards
+    from mmscale.data.urls import expand_urls
+
+    keys_wanted = parse_image_keys(image_keys)
+    keys: list[str] = []
+    images: list[torch.Tensor] = []
+    texts: list[str] = []
+    for sample in read_shards(expand_urls(urls), bad):
+        try:
+            text = caption(sample, text_key)
+            image = decode_rgb(image_bytes(sample, keys_wanted), MAX_PIXELS)
+        except BadSample as exc:
+            bad[exc.reason] += 1
+            continue
+        keys.append(sample["__key__"])
+        images.append(image)
+        texts.append(text)
+        if len(keys) == batch_size:
+            yield keys, images, texts
+            keys, images, texts = [], [], []
+    if keys:
+        yield keys, images, texts
+
+
+def encode_shards(
+    model: EmbeddingModel,
+    urls: str,
+    output: str | os.PathLike,
+    batch_size: int = 256,
+    truncate_dim: int | None = None,
+    text_key: str = "txt",
+    image_keys: str = "jpg;jpeg;png;webp",
+    show_progress: bool = True,
+    model_name: str = "",
+) -> dict[str, Any]:
+    """Write `image_emb.npy`, `text_emb.npy` (row i = `keys.txt` line i) and `meta.json`; returns the meta."""
+    if not isinstance(model, EmbeddingModel):
+        raise ValueError("encode needs a dual encoder (this is a reranker export)")
+    check_truncate_dim(truncate_dim, model.embed_dim)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    bad: Counter = Counter()
+    image_out, text_out = NpyWriter(out / "image_emb.npy"), NpyWriter(out / "text_emb.npy")
+    bar = _progress(iter_shard_batches(urls, batch_size, text_key, image_keys, bad), 0, show_progress, "encode")
+    with open(out / "keys.txt", "w") as keys_file:
+        for keys, images, texts in bar:
+            image_out.append(model.encode_image(images, batch_size=batch_size, truncate_dim=truncate_dim))
+            text_out.append(model.encode_text(texts, batch_size=batch_size, truncate_dim=truncate_dim))
+            keys_file.writelines(f"{k}\n" for k in keys)
+            if show_progress:
+                bar.set_postfix(samples=image_out.rows, bad=sum(bad.values()))
+    dim = truncate_dim or model.embed_dim
+    image_out.close(dim)
+    text_out.close(dim)
+    meta = {
+        "model": model_name,
+        "count": image_out.rows,
+        "dim": dim,
+        "truncate_dim": truncate_dim,
+        "normalized": True,
+        "data": urls,
+        "bad_samples": dict(bad),
+        "seconds": round(time.time() - start, 3),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def encode_shards_cli(args: argparse.Namespace) -> int:
+    """`mmscale encode MODEL --data URLS --output DIR`: embeddings of a shard set on disk."""
+    model = load(args.model, device=args.device)
+    meta = encode_shards(
+        model,
+        args.data,
+        args.output,
+        batch_size=args.batch_size,
+        truncate_dim=args.truncate_dim or None,
+        text_key=args.text_key,
+        image_keys=args.image_keys,
+        model_name=str(args.model),
+    )
+    print(f"encoded {meta['count']} samples (dim {meta['dim']}) -> {args.output}; bad samples: {meta['bad_samples']}")
+    return 0
