@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--text-key", default=DataConfig.text_key, help="as data.text_key")
     p.add_argument("--image-keys", default=DataConfig.image_keys, help="as data.image_keys")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (0: in this process)")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into a model directory")

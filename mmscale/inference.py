@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, preprocess_settings, read_export
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
-MAX_PIXELS = 50_000_000  # as data.max_pixels: refuse decompression bombs here too
+MAX_PIXELS = 50_000_000  # as data.max_pixels' default: refuse decompression bombs here too
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -295,35 +294,6 @@ class NpyWriter:
         self.raw.unlink()
 
 
-def iter_shard_batches(
-    urls: str, batch_size: int, text_key: str, image_keys: str, bad: Counter
-) -> Iterator[tuple[list[str], list[torch.Tensor], list[str]]]:
-    """(keys, uint8 images, captions) batches in shard order; bad samples are counted in `bad` and skipped."""
-    from mmscale.data.decode import BadSample, caption, decode_rgb, image_bytes, parse_image_keys
-    from mmscale.data.shards import read_shards
-    from mmscale.data.urls import expand_urls
-
-    keys_wanted = parse_image_keys(image_keys)
-    keys: list[str] = []
-    images: list[torch.Tensor] = []
-    texts: list[str] = []
-    for sample in read_shards(expand_urls(urls), bad):
-        try:
-            text = caption(sample, text_key)
-            image = decode_rgb(image_bytes(sample, keys_wanted), MAX_PIXELS)
-        except BadSample as exc:
-            bad[exc.reason] += 1
-            continue
-        keys.append(sample["__key__"])
-        images.append(image)
-        texts.append(text)
-        if len(keys) == batch_size:
-            yield keys, images, texts
-            keys, images, texts = [], [], []
-    if keys:
-        yield keys, images, texts
-
-
 def encode_shards(
     model: EmbeddingModel,
     urls: str,
@@ -332,26 +302,37 @@ def encode_shards(
     truncate_dim: int | None = None,
     text_key: str = "txt",
     image_keys: str = "jpg;jpeg;png;webp",
+    workers: int = 2,
     show_progress: bool = True,
     model_name: str = "",
 ) -> dict[str, Any]:
     """Write `image_emb.npy`, `text_emb.npy` (row i = `keys.txt` line i) and `meta.json`; returns the meta."""
+    from mmscale.data.build import build_eval_loader
+
     if not isinstance(model, EmbeddingModel):
         raise ValueError("encode needs a dual encoder (this is a reranker export)")
     check_truncate_dim(truncate_dim, model.embed_dim)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    bad: Counter = Counter()
+    p = model.preprocess
+    # The evaluation pipeline of training itself: same decoding, eval transform and tokenisation.
+    loader = build_eval_loader(
+        urls, batch_size=batch_size, rank=0, world_size=1, image_size=p.image_size, mean=p.mean, std=p.std,
+        tokenizer=model.tokenizer, max_length=model.max_length, workers=workers, image_keys=image_keys,
+        text_key=text_key,
+    )  # fmt: skip
     image_out, text_out = NpyWriter(out / "image_emb.npy"), NpyWriter(out / "text_emb.npy")
-    bar = _progress(iter_shard_batches(urls, batch_size, text_key, image_keys, bad), 0, show_progress, "encode")
+    bar = _progress(loader, 0, show_progress, "encode")
     with open(out / "keys.txt", "w") as keys_file:
-        for keys, images, texts in bar:
-            image_out.append(model.encode_image(images, batch_size=batch_size, truncate_dim=truncate_dim))
-            text_out.append(model.encode_text(texts, batch_size=batch_size, truncate_dim=truncate_dim))
-            keys_file.writelines(f"{k}\n" for k in keys)
+        for batch in bar:
+            if not batch["key"]:
+                continue
+            image_out.append(model.encode_pixels(batch["image"], truncate_dim=truncate_dim))
+            text_out.append(model.encode_tokens(batch["input_ids"], batch["attention_mask"], truncate_dim=truncate_dim))
+            keys_file.writelines(f"{k}\n" for k in batch["key"])
             if show_progress:
-                bar.set_postfix(samples=image_out.rows, bad=sum(bad.values()))
+                bar.set_postfix(samples=image_out.rows, bad=sum(loader.bad_samples.values()))
     dim = truncate_dim or model.embed_dim
     image_out.close(dim)
     text_out.close(dim)
@@ -362,7 +343,7 @@ def encode_shards(
         "truncate_dim": truncate_dim,
         "normalized": True,
         "data": urls,
-        "bad_samples": dict(bad),
+        "bad_samples": loader.bad_samples,
         "seconds": round(time.time() - start, 3),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -380,6 +361,7 @@ def encode_shards_cli(args: argparse.Namespace) -> int:
         truncate_dim=args.truncate_dim or None,
         text_key=args.text_key,
         image_keys=args.image_keys,
+        workers=args.workers,
         model_name=str(args.model),
     )
     print(f"encoded {meta['count']} samples (dim {meta['dim']}) -> {args.output}; bad samples: {meta['bad_samples']}")

@@ -195,7 +195,7 @@ def test_encode_shards_writes_aligned_embeddings(loaded, export_dir, tmp_path):
 
     make_demo_data(tmp_path / "data", train_samples=20, val_samples=0, samples_per_shard=8, seed=0, image_size=40)
     urls = str(tmp_path / "data/train/{00000..00002}.tar")
-    meta = encode_shards(loaded, urls, tmp_path / "enc", batch_size=6, truncate_dim=16, show_progress=False)
+    meta = encode_shards(loaded, urls, tmp_path / "enc", batch_size=6, truncate_dim=16, workers=2, show_progress=False)
     image_emb = np.load(tmp_path / "enc/image_emb.npy")
     text_emb = np.load(tmp_path / "enc/text_emb.npy")
     keys = (tmp_path / "enc/keys.txt").read_text().split()
@@ -203,17 +203,26 @@ def test_encode_shards_writes_aligned_embeddings(loaded, export_dir, tmp_path):
     assert image_emb.shape[1] == 16 and image_emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(text_emb, axis=1), 1.0, atol=1e-5)
 
-    # Row i is the sample of keys.txt line i: re-encode one sample by hand.
+    # Row i is the sample of keys.txt line i (whatever order the workers delivered): re-encode by hand.
+    import io
     import tarfile
 
-    with tarfile.open(tmp_path / "data/train/00001.tar") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-    key = keys[9]
-    caption = next(v for k, v in members.items() if k.startswith(key + ".") and k.endswith(".txt")).decode()
-    np.testing.assert_allclose(text_emb[9], loaded.encode_text(caption, truncate_dim=16).numpy(), atol=1e-5)
+    members = {}
+    for shard in sorted((tmp_path / "data/train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()})
+    for i in (0, 9, 19):
+        caption = next(v for k, v in members.items() if k.startswith(keys[i] + ".") and k.endswith(".txt")).decode()
+        image_bytes = next(v for k, v in members.items() if k.startswith(keys[i] + ".") and not k.endswith((".txt", ".json")))
+        np.testing.assert_allclose(text_emb[i], loaded.encode_text(caption, truncate_dim=16).numpy(), atol=1e-5)
+        image = Image.open(io.BytesIO(image_bytes))
+        np.testing.assert_allclose(image_emb[i], loaded.encode_image(image, truncate_dim=16).numpy(), atol=1e-5)
 
     # The CLI writes the same files.
     assert main(["encode", str(export_dir), "--data", urls, "--output", str(tmp_path / "cli"), "--batch-size", "7",
-                 "--truncate-dim", "16"]) == 0  # fmt: skip
-    np.testing.assert_allclose(np.load(tmp_path / "cli/image_emb.npy"), image_emb, atol=1e-5)
+                 "--truncate-dim", "16", "--workers", "0"]) == 0  # fmt: skip
+    cli_keys = (tmp_path / "cli/keys.txt").read_text().split()
+    assert sorted(cli_keys) == sorted(keys)
+    order = [cli_keys.index(k) for k in keys]
+    np.testing.assert_allclose(np.load(tmp_path / "cli/image_emb.npy")[order], image_emb, atol=1e-5)
     assert json.loads((tmp_path / "cli/meta.json").read_text())["model"] == str(export_dir)
