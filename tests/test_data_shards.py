@@ -220,3 +220,47 @@ def test_img2dataset_layout(tmp_path, monkeypatch):
     assert batch["key"] == [f"00000{j:04d}" for j in range(3)] + [f"00001{j:04d}" for j in range(4)]
     assert batch["text"][0] == "json caption 000000000"
     assert len(batch["key"][0]) == 9
+
+
+def test_http_shards_through_the_webdataset_opener(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    make_shards(tmp_path, [3, 2])
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep pytest output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = f"http://127.0.0.1:{server.server_port}/{{00000..00001}}.tar"
+        assert list(shard_sample_counts(expand_urls(urls)).values()) == [3, 2]
+        loader = build_eval_loader(urls, batch_size=8, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+                                   tokenizer=ids_tokenizer, max_length=8, workers=0)
+        assert [k for b in loader for k in b["key"]] == [f"00000{j:04d}" for j in range(3)] + ["000010000",
+                                                                                            "000010001"]
+    finally:
+        server.shutdown()
+
+
+def test_image_keys_pick_the_first_extension_present(tmp_path):
+    red = Image.new("RGB", (12, 12), (255, 0, 0))
+    blue = Image.new("RGB", (12, 12), (0, 0, 255))
+    members = []
+    for name, im, fmt in (("000000000.jpg", red, "JPEG"), ("000000000.png", blue, "PNG")):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        members.append((name, buf.getvalue()))
+    write_tar(tmp_path / "00000.tar", members + [("000000000.txt", b"two images")])
+
+    def first_pixel(image_keys: str) -> list[float]:
+        loader = build_eval_loader(str(tmp_path), batch_size=1, rank=0, world_size=1, image_size=8, mean=(0, 0, 0),
+                                   std=(1, 1, 1), tokenizer=ids_tokenizer, max_length=4, workers=0,
+                                   image_keys=image_keys)
+        return [round(v) for v in next(iter(loader))["image"][0, :, 4, 4].tolist()]
+
+    assert first_pixel("png;jpg") == [0, 0, 1]
+    assert first_pixel("jpg;png")[0] == 1

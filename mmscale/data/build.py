@@ -49,7 +49,7 @@ def build_train_loader(
     urls = [u for s in sources for u in s.urls]
     counts: dict[str, int] = {}
     if data_cfg.mode == "epoch":
-        counts = {u: int(c or 0) for u, c in shard_sample_counts(urls).items()}
+        counts = {u: int(c or 0) for u, c in shard_sample_counts(urls, retries=data_cfg.shard_retries).items()}
         if len(sources) > 1 and data_cfg.train_weights:
             log.warning("data.train_weights apply in resampled mode only; epoch mode reads every shard once")
     streams = max(data_cfg.workers, 1)

@@ -88,7 +88,21 @@ def scan_tar(url: str) -> int:
     return len(keys)
 
 
-def shard_sample_counts(urls: Iterable[str], scan: bool = True) -> dict[str, int | None]:
+def _scan_with_retries(url: str, retries: int) -> int:
+    error: Exception | None = None
+    for _ in range(max(retries, 1)):
+        try:
+            return scan_tar(url)
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            error = exc
+    # An unreadable shard yields nothing; the loader counts it when it fails to open. Every rank
+    # counts for itself, so a shard that fails on some ranks only would make them disagree on the
+    # batches per epoch: give remote shards a stats.json manifest.
+    log.warning("cannot count samples of shard %s (%s); counting it as empty", url, error)
+    return 0
+
+
+def shard_sample_counts(urls: Iterable[str], scan: bool = True, retries: int = 3) -> dict[str, int | None]:
     """Samples per shard url: manifest first, then img2dataset stats, then (if `scan`) a header scan."""
     counts: dict[str, int | None] = {}
     manifests: dict[str, dict[str, int]] = {}
@@ -103,11 +117,6 @@ def shard_sample_counts(urls: Iterable[str], scan: bool = True) -> dict[str, int
             if count is None:
                 count = _img2dataset_count(path)
         if count is None and scan:
-            try:
-                count = scan_tar(url)
-            except (OSError, tarfile.TarError, EOFError) as exc:
-                # An unreadable shard yields nothing; the loader counts it when it fails to open.
-                log.warning("cannot count samples of shard %s (%s); counting it as empty", url, exc)
-                count = 0
+            count = _scan_with_retries(url, retries)
         counts[url] = count
     return counts
