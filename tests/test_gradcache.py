@@ -52,6 +52,10 @@ CASES: dict[str, tuple[list[str], bool]] = {
         False,
     ),
     "zero2_clip_dropout_ckpt": (["train.zero_stage=2", *DROPOUT], True),
+    # The plain step (gradient cache off) must be exact too.
+    "zero2_plain": (["train.zero_stage=2", "train.gradcache=false", *NO_DROPOUT], False),
+    # A step whose loss is NaN on one rank is refused on both and leaves no gradient behind.
+    "zero2_after_nan_step": (["train.zero_stage=2", *NO_DROPOUT], False),
 }
 
 
@@ -150,7 +154,7 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
 
     from mmscale.losses import build_loss
     from mmscale.train.engine import build_ds_config, build_engine
-    from mmscale.train.gradcache import gradcache_step
+    from mmscale.train.gradcache import train_step
 
     deepspeed.init_distributed(dist_backend="gloo")
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
@@ -163,8 +167,15 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         model = new_model(cfg)
         engine, _, _ = build_engine(cfg, model, WORLD, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
                                     ds_config=ds)
+        loss_fn = build_loss(cfg.loss)
+        nan_result = None
+        if name.endswith("after_nan_step"):
+            poisoned = {**batch, "pixel_values": batch["pixel_values"].clone()}
+            if rank == 1:
+                poisoned["pixel_values"][0] = float("nan")
+            nan_result = train_step(engine, poisoned, loss_fn, CHUNK, cfg.train.gradcache)
         torch.manual_seed(rank_seed(rank))
-        result = gradcache_step(engine, batch, build_loss(cfg.loss), CHUNK)
+        result = train_step(engine, batch, loss_fn, CHUNK, cfg.train.gradcache)
         loss = torch.tensor(result["loss"])
         dist.all_reduce(loss)
         # Collective on every rank, same order: ZeRO partitions are gathered into full gradients.
@@ -173,7 +184,8 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         if rank == 0:
-            torch.save({"loss": loss.item() / WORLD, "grads": grads, "params": params, "result": result},
+            torch.save({"loss": loss.item() / WORLD, "grads": grads, "params": params, "result": result,
+                        "nan_result": nan_result},
                        Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
 
@@ -197,7 +209,10 @@ def rank_results():
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradcache_matches_full_batch_step(rank_results, name):
     got, ref = rank_results[name], reference_step(name)
-    assert got["result"]["finite"] and got["result"]["chunks"] == PER_RANK // CHUNK
+    assert got["result"]["finite"]
+    assert got["result"]["chunks"] == (PER_RANK // CHUNK if "plain" not in name else 1)
+    if got["nan_result"] is not None:  # rank 0's own rows were finite, yet it refused the step too
+        assert got["nan_result"]["finite"] is False
     assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
     assert got["grads"].keys() == ref["grads"].keys()
     assert got["grads"]["logit_scale"].abs().item() > 1e-4  # the scale gradient is real, not trivially 0
