@@ -79,7 +79,7 @@ def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
         yield items[start : start + batch_size]
 
 
-def _progress(iterable: Iterable, total: int, show: bool, desc: str) -> Iterable:
+def _progress(iterable: Iterable, total: int | None, show: bool, desc: str) -> Iterable:
     if not show:
         return iterable
     from tqdm.auto import tqdm
@@ -323,16 +323,19 @@ def encode_shards(
         text_key=text_key,
     )  # fmt: skip
     image_out, text_out = NpyWriter(out / "image_emb.npy"), NpyWriter(out / "text_emb.npy")
-    bar = _progress(loader, 0, show_progress, "encode")
+    bar = _sample_bar(urls, show_progress)
     with open(out / "keys.txt", "w") as keys_file:
-        for batch in bar:
+        for batch in loader:
             if not batch["key"]:
                 continue
             image_out.append(model.encode_pixels(batch["image"], truncate_dim=truncate_dim))
             text_out.append(model.encode_tokens(batch["input_ids"], batch["attention_mask"], truncate_dim=truncate_dim))
             keys_file.writelines(f"{k}\n" for k in batch["key"])
-            if show_progress:
-                bar.set_postfix(samples=image_out.rows, bad=sum(loader.bad_samples.values()))
+            if bar is not None:
+                bar.update(len(batch["key"]))
+                bar.set_postfix(bad=sum(loader.bad_samples.values()))
+    if bar is not None:
+        bar.close()
     dim = truncate_dim or model.embed_dim
     image_out.close(dim)
     text_out.close(dim)
@@ -348,6 +351,20 @@ def encode_shards(
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _sample_bar(urls: str, show: bool):
+    """A tqdm bar counting samples; its total comes from shard manifests when every shard has one (no scan)."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    from mmscale.data.manifest import shard_sample_counts
+    from mmscale.data.urls import expand_urls
+
+    counts = shard_sample_counts(expand_urls(urls), scan=False)
+    total = sum(counts.values()) if all(c is not None for c in counts.values()) else None
+    return tqdm(total=total, desc="encode", unit="sample")
 
 
 def encode_shards_cli(args: argparse.Namespace) -> int:

@@ -141,6 +141,39 @@ def test_cli_export_bf16(runs, tmp_path):
     assert cos.min() > 0.99
 
 
+@pytest.mark.slow
+def test_a_real_training_run_exports_and_encodes(tmp_path):
+    """The trainer's own checkpoint layout (`mmscale train`, 2 ranks, ZeRO-3) -> `mmscale export` -> `mmscale encode`."""
+    import numpy as np
+
+    import mmscale
+    from mmscale.cli import main
+    from tools.make_demo_data import make_demo_data
+
+    make_demo_data(tmp_path / "data", train_samples=32, val_samples=8, samples_per_shard=16, seed=0, image_size=32)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    args = [str(deepspeed), "--num_gpus", str(RANKS), "--master_port", str(29500 + (os.getpid() + 11) % 1000),
+            "--no_local_rank", "--module", "mmscale", "train", str(TINY), f"output_dir={tmp_path / 'run'}",
+            f"data.train={tmp_path / 'data/train'}", "data.val=", "data.workers=1", "train.steps=2",
+            "train.zero_stage=3", "train.global_batch_size=8"]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
+    exported, direct = mmscale.load(tmp_path / "model"), mmscale.load(tmp_path / "run")
+    torch.testing.assert_close(exported.encode_text(TEXTS), direct.encode_text(TEXTS), rtol=0, atol=0)
+    torch.testing.assert_close(exported.encode_image(fixed_images()), direct.encode_image(fixed_images()), rtol=0, atol=0)
+    source = json.loads((tmp_path / "model/mmscale_config.json").read_text())["source"]
+    assert source["step"] == 2 and source["checkpoint"].endswith("step_00000002")
+
+    val = str(tmp_path / "data/val")
+    assert main(["encode", str(tmp_path / "model"), "--data", val, "--output", str(tmp_path / "enc")]) == 0
+    emb = np.load(tmp_path / "enc/text_emb.npy")
+    assert emb.shape == (8, exported.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
 def test_resolve_checkpoint_picks_the_newest_complete_one(tmp_path):
     from mmscale.export import ExportError, resolve_checkpoint
 
