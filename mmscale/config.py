@@ -118,7 +118,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     timeout_s: int = 1800  # collective timeout: a dead rank ends the job instead of hanging it
-    debug_log_keys: bool = False  # tests: each rank appends the sample keys of every step to OUTPUT_DIR/debug/
+    debug_trace: bool = False  # tests: per rank, the sample keys of every step and a final parameter checksum in OUTPUT_DIR/debug/
 
 
 @dataclass

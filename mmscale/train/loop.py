@@ -8,6 +8,7 @@ the others never reach.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -107,7 +108,7 @@ class Trainer:
         self.meter = ThroughputMeter()
         self.preemption = PreemptionHandler()
         self._keys_log = None
-        if t.debug_log_keys:
+        if t.debug_trace:
             path = self.output_dir / "debug" / f"keys_rank{self.rank:05d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             truncate_jsonl(path, self.step)  # drop what a previous attempt logged past the checkpoint
@@ -229,6 +230,20 @@ class Trainer:
         if self._keys_log is not None:
             self._keys_log.write(json.dumps({"step": self.step, "keys": list(batch["key"])}) + "\n")
 
+    def _write_param_checksum(self) -> None:
+        """Debug trace: this rank's view of the weights, to check that all ranks agree (collective under ZeRO-3)."""
+        if self._keys_log is None:
+            return
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.train.zero_stage == 3):
+            digest = hashlib.sha256()
+            for p in params:
+                digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        path = self.output_dir / "debug" / f"params_rank{self.rank:05d}.json"
+        path.write_text(json.dumps({"step": self.step, "sha256": digest.hexdigest()}))
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
@@ -299,6 +314,7 @@ class Trainer:
                 if self.preemption.should_stop():
                     self.monitor.message(f"preemption signal received: saving at step {self.step} and exiting")
                     self.save()
+                    self._write_param_checksum()
                     self.monitor.close()
                     return EXIT_OK
                 if t.save_every and self.step % t.save_every == 0 and result["finite"]:
@@ -310,6 +326,7 @@ class Trainer:
                 self.save()
                 if evaluated_at != self.step:
                     self.evaluate()
+        self._write_param_checksum()
         self.monitor.close()
         distributed.barrier()
         return code
