@@ -12,6 +12,12 @@ Epoch mode, remainder handling (the same number of batches on every rank, or col
   * `pad`: batches_per_epoch = max over ranks of ceil(rank samples / batch); a rank that runs short
     repeats samples it already delivered this epoch (counted in `padded_samples`);
   * either way, a rank short of batches because samples turned out bad pads the same way.
+Padding repeats samples, so a padded batch holds duplicates (false negatives for a contrastive
+loss); `padded_samples` says how many. Set data.remainder=drop to avoid them.
+
+Resume is exact per worker: each worker continues its own stream at the next raw sample. With
+several workers, which worker's batch comes first after a resume may differ from the run that was
+not interrupted (the DataLoader starts its round robin at worker 0); the samples do not.
 """
 
 from __future__ import annotations
@@ -85,15 +91,22 @@ class StreamingLoader:
         self._positions: dict[int, tuple[int, int]] = {}  # worker -> (round, raw samples consumed)
         self._bad_base: Counter = Counter()
         self._bad_workers: dict[int, dict[str, int]] = {}
+        self._split_cache: tuple[int, list[list[str]]] = (-1, [])
         self._check_rank_sizes()
 
     # -- sizes -----------------------------------------------------------------------
+    def _split(self, epoch: int) -> list[list[str]]:
+        # Cached: the balance is a sort over all shards, and every rank asks for it several times an epoch.
+        if self._split_cache[0] != epoch:
+            spec = self.spec
+            split = epoch_split(spec.all_urls, spec.counts, seed=spec.seed, epoch=epoch, world_size=spec.world_size)
+            self._split_cache = (epoch, split)
+        return self._split_cache[1]
+
     def rank_samples(self, epoch: int | None = None) -> list[int]:
         """Samples each rank reads in an epoch (from the manifest / header counts)."""
-        spec = self.spec
-        split = epoch_split(spec.all_urls, spec.counts, seed=spec.seed, epoch=self.epoch if epoch is None else epoch,
-                            world_size=spec.world_size)
-        return [sum(spec.counts[u] for u in urls) for urls in split]
+        split = self._split(self.epoch if epoch is None else epoch)
+        return [sum(self.spec.counts[u] for u in urls) for urls in split]
 
     def _batches_for(self, epoch: int) -> int | None:
         if self.spec.mode != "epoch":
@@ -133,9 +146,7 @@ class StreamingLoader:
         if spec.mode == "eval":
             n = len(spec.all_urls[spec.rank :: spec.world_size])
         else:
-            split = epoch_split(spec.all_urls, spec.counts, seed=spec.seed,
-                                epoch=self.epoch if epoch is None else epoch, world_size=spec.world_size)
-            n = len(split[spec.rank])
+            n = len(self._split(self.epoch if epoch is None else epoch)[spec.rank])
         return min(self.max_workers, n)
 
     # -- bad samples -------------------------------------------------------------------

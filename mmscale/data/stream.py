@@ -9,6 +9,7 @@ resumed worker replays its stream and skips the consumed samples without decodin
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -83,6 +84,18 @@ def shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> It
     yield from buf
 
 
+def _empty_for_transfer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor; in a dataloader worker, allocated in shared memory.
+
+    A worker's batch reaches the main process through shared memory; a tensor already there is
+    passed by handle instead of being copied (what torch's default_collate does too).
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype).untyped_storage()._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def worker_shards(spec: StreamSpec, *, worker: int, epoch: int, round_: int) -> list[str]:
     """The shards one worker reads in one round (epoch and eval modes have a single round)."""
     if spec.mode == "resampled":
@@ -122,7 +135,8 @@ class SampleStream(IterableDataset):
         """Stack decoded samples into a batch dict, with the bookkeeping the main process needs."""
         spec = self.spec
         if items:
-            images = normalize(torch.stack([it[0] for it in items]), spec.mean, spec.std)
+            pixels = torch.stack([it[0] for it in items])
+            images = normalize(pixels, spec.mean, spec.std, out=_empty_for_transfer(pixels.shape, torch.float32))
             ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
         else:
             images = torch.empty(0, 3, spec.image_size, spec.image_size)

@@ -60,10 +60,14 @@ def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
     return crop_resize(image, centre_crop_box(image.shape[-2], image.shape[-1]), size)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], out: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 normalised with the vision tower's mean and std (in [0, 1] units)."""
     if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
         raise ValueError(f"mean {tuple(mean)} / std {tuple(std)} need one value per channel ({images.shape[-3]})")
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0
-    return (images.to(torch.float32) - m) / s
+    scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255.0)
+    shift = -torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) / torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    out = torch.empty(images.shape, dtype=torch.float32) if out is None else out
+    # In place, as one multiply-add: the batch is large and memory traffic is what costs here.
+    return out.copy_(images).mul_(scale).add_(shift)
