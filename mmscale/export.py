@@ -54,13 +54,16 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A complete step directory: `path` itself, or the newest one under `path` or `path/checkpoints`."""
-    from mmscale.train.checkpoint import CHECKPOINT_SUBDIR, find_latest, is_complete
+    from mmscale.train.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, TMP_PREFIX, find_latest, is_complete
 
     p = Path(path)
     if not p.exists():
         raise ExportError(f"{p}: no such file or directory")
     if is_complete(p):
         return p
+    if p.name.startswith(TMP_PREFIX) or (p.name.startswith("step_") and _has_model_states(p)):
+        # The Checkpointer's marker is written last: without it the save died part way.
+        raise ExportError(f"{p}: an incomplete checkpoint (no {COMPLETE_MARKER}); its save did not finish")
     if _has_model_states(p):
         # A plain DeepSpeed tag directory (not written by mmscale's Checkpointer): usable if a config is near.
         return p

@@ -186,6 +186,11 @@ def test_resolve_checkpoint_picks_the_newest_complete_one(tmp_path):
     assert resolve_checkpoint(tmp_path / "run") == root / "step_00000020"
     assert resolve_checkpoint(root) == root / "step_00000020"
     assert resolve_checkpoint(root / "step_00000010") == root / "step_00000010"
+    (root / "step_00000030" / "mp_rank_00_model_states.pt").write_bytes(b"")  # torn: weights, no marker
+    with pytest.raises(ExportError, match="incomplete"):
+        resolve_checkpoint(root / "step_00000030")
+    with pytest.raises(ExportError, match="incomplete"):
+        resolve_checkpoint(root / "tmp-step_00000040")
     with pytest.raises(ExportError, match="not a checkpoint"):
         resolve_checkpoint(tmp_path)
     with pytest.raises(ExportError, match="no such file"):

@@ -61,7 +61,7 @@ def test_round_trip_equals_the_in_memory_model(tiny, loaded):
     assert isinstance(loaded, EmbeddingModel) and loaded.embed_dim == cfg.model.embed_dim
     torch.testing.assert_close(loaded.encode_image(images), want_img, rtol=0, atol=1e-6)
     torch.testing.assert_close(loaded.encode_text(TEXTS), want_txt, rtol=0, atol=1e-6)
-    assert loaded.logit_scale == pytest.approx(float(model.logit_scale.exp()))
+    assert loaded.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()))
 
 
 def test_export_is_self_contained(export_dir):
