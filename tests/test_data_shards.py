@@ -224,9 +224,12 @@ def test_img2dataset_layout(tmp_path, monkeypatch):
 
 def test_http_shards_through_the_webdataset_opener(tmp_path):
     import functools
+    import shutil
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset opens http(s) urls with curl, which is not installed")
     make_shards(tmp_path, [3, 2])
 
     class Quiet(SimpleHTTPRequestHandler):
