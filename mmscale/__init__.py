@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(path, device: str = "cpu"):
-    """Load an exported model directory (dual encoder or reranker) for inference."""
+def load(path, device: str = "cpu", dtype=None):
+    """Load an export directory or a training checkpoint (dual encoder or reranker) for inference."""
     from mmscale.inference import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, dtype=dtype)
