@@ -60,7 +60,7 @@ def write_bi_encoder_checkpoint(cfg_dict: dict, out: Path) -> Path:
 def launch(command: str, config: Path, *overrides: str, ranks: int = 2, timeout: int = 400):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    args = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+    args = [str(deepspeed), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(29500 + os.getpid() % 1000),
             "--module", "mmscale", command, str(config), *overrides]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
