@@ -91,3 +91,21 @@ def test_loss_gradient_reaches_embeddings_and_scale():
     loss, _ = build_loss(LossConfig())(img, txt, scale, None)
     loss.backward()
     assert img.grad.abs().sum() > 0 and scale.grad.abs() > 0
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_blockwise_loss_equals_the_whole_matrix_in_value_and_gradient(kind):
+    from mmscale.losses import ContrastiveLoss
+
+    results = []
+    for block_rows in (None, 3):  # 3 rows: uneven blocks of 3, 3, 2
+        img, txt = embeddings(n=8)
+        img.requires_grad_(True)
+        txt.requires_grad_(True)
+        scale = torch.tensor(12.0, requires_grad=True)
+        bias = torch.tensor(-3.0, requires_grad=True)
+        loss, _ = ContrastiveLoss(kind, dims=[4], block_rows=block_rows)(img, txt, scale, bias)
+        loss.backward()
+        results.append([loss.detach(), img.grad, txt.grad, scale.grad] + ([bias.grad] if kind == "siglip" else []))
+    for whole, blocked in zip(*results):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)

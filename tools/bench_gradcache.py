@@ -300,6 +300,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (per rank)")
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--speed_batch", type=int, default=256)
+    parser.add_argument("--memory_only", action="store_true", help="only the peak-RSS section")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the speed steps")
     parser.add_argument("--accum_batch", type=int, default=None, help="default 1024 (256 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradcache.json"))
@@ -334,6 +335,11 @@ def main() -> None:
     table(f"peak RSS per rank (MB), tiny towers, chunk {args.chunk}",
           ["batch", "cached", "plain", "cached/cached@min", "plain/plain@min"], rows)
     report["memory_ratio_cached_max_over_min"] = rows[-1][3]
+    if args.memory_only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+        return
 
     # speed and accumulation on the comparison architecture
     from mmscale.losses import build_loss
