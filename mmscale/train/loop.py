@@ -169,9 +169,14 @@ class Trainer:
     def _next_batch(self) -> dict[str, Any] | None:
         """The next batch of this rank, starting a new epoch when one ends; None when data ran out."""
         for _ in range(2):
-            if self._batches is None:
+            fresh = self._batches is None
+            if fresh:
                 self._batches = iter(self.loader)
-            batch = next(self._batches, None)
+            # A new DataLoader iterator draws its workers' base seed from the global torch RNG.
+            # A resumed run makes one at a different step than the uninterrupted run did, so
+            # keep that draw off the training RNG (dropout) or the two runs would part ways.
+            with torch.random.fork_rng(devices=[], enabled=fresh):
+                batch = next(self._batches, None)
             if batch is not None:
                 return batch
             self._batches = None  # epoch over: the loader moved to the next one
