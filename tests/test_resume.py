@@ -112,6 +112,15 @@ def test_sigterm_resume_is_exact_and_sees_each_sample_once(demo_data, tmp_path):
     assert any(t.startswith("config") for t in acc.Tags()["tensors"])
     assert sorted(_keys(ref_dir)) == sorted(set(_keys(ref_dir))) and len(_keys(ref_dir)) == STEPS * 16
 
+    # `mmscale eval` on the final checkpoint, one process, reproduces the 2-rank in-training evaluation.
+    eval_json = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "-m", "mmscale", "eval", str(ref_dir), "--data", str(demo_data / "val"),
+                    "--output", str(eval_json), "--batch-size", "16"], cwd=ROOT, env=_env(), check=True,
+                   capture_output=True)  # fmt: skip
+    standalone = json.loads(eval_json.read_text())["metrics"]
+    for name in ("i2t_recall@1", "i2t_recall@5", "t2i_recall@10", "i2t_mean_rank", "t2i_mean_rank"):
+        assert standalone[name] == pytest.approx(evals[-1][name], abs=1e-6), name
+
     # Same run, SIGTERM to rank 1 alone once step 3 is logged: all ranks stop together, exit 0.
     run = _launch(_overrides(demo_data, run_dir))
     deadline = time.monotonic() + 240
