@@ -87,6 +87,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `mmscale` command."""
     parser = argparse.ArgumentParser(prog="mmscale", description=__doc__.splitlines()[0])
+    # `deepspeed --module mmscale ...` inserts --local_rank=N before the subcommand; the rank
+    # is read from the LOCAL_RANK environment variable, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check", help="validate a config for a world size, start nothing")
