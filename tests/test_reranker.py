@@ -86,3 +86,13 @@ def test_listwise_training_lowers_the_loss_and_reaches_the_backbones(reranker):
     assert losses[-1] < 0.5 * losses[0]
     assert reranker.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     assert reranker.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_untrained_reranker_ranks_exactly_as_the_bi_encoder(dual, reranker):
+    # The head starts at zero: the score is the bi-encoder's own logit, so training on hard
+    # negatives starts from the bi-encoder's ranking instead of from chance.
+    pixels, ids, mask = _batch()
+    with torch.no_grad():
+        scale, _ = dual.scale_and_bias()
+        expected = scale * (dual.encode_image(pixels) * dual.encode_text(ids, mask)).sum(-1)
+        assert torch.allclose(reranker.score(pixels, ids, mask), expected, atol=1e-5)

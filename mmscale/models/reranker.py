@@ -3,18 +3,23 @@
 The two backbones start from the bi-encoder's towers (the timm trunk's `forward_features`
 gives patch tokens, the transformers tower its `last_hidden_state`). Their token states are
 projected to `fusion_dim`, tagged with a type embedding, prefixed with a learned [CLS] and
-fused by a small transformer; a linear head on the [CLS] output gives the relevance score.
-Because the towers run before fusion, corpus image tokens can be computed once and reused
-for every query that retrieves them (see `encode_image_tokens` / `fuse`).
+fused by a small transformer; a linear head on the [CLS] output gives a correction that is
+added to the bi-encoder's own logit for the pair (its projections and logit scale come along).
+The head starts at zero, so an untrained reranker ranks exactly as the bi-encoder does and
+training on hard negatives can only move it from there: the fusion learns what the single
+vector per side cannot express (which colour goes with which shape, which group is above).
+Because the towers run before fusion, corpus image tokens (the trunk's raw token states) can
+be computed once and reused for every query that retrieves them (`encode_image_tokens` / `fuse`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmscale.config import RerankConfig
-from mmscale.models.towers import text_width, vision_width
+from mmscale.models.towers import pool_tokens, text_width, vision_width
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
 
@@ -29,10 +34,17 @@ class MultimodalReranker(nn.Module):
         fusion_dim: int = 256,
         fusion_layers: int = 2,
         fusion_heads: int = 4,
+        bi_encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
+        # The bi-encoder's scoring path (projections, pooling, temperature): the score's prior.
+        self.pooling = getattr(bi_encoder, "pooling", "mean")
+        self.bi_visual_proj = bi_encoder.visual_proj if bi_encoder is not None else None
+        self.bi_text_proj = bi_encoder.text_proj if bi_encoder is not None else None
+        scale = bi_encoder.scale_and_bias()[0].detach().reshape(1) if bi_encoder is not None else torch.zeros(1)
+        self.register_buffer("bi_logit_scale", scale.clone())
         self.visual_proj = nn.Sequential(nn.Linear(vision_width(visual), fusion_dim), nn.LayerNorm(fusion_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_width(text), fusion_dim), nn.LayerNorm(fusion_dim))
         self.type_embed = nn.Embedding(2, fusion_dim)
@@ -44,21 +56,32 @@ class MultimodalReranker(nn.Module):
         self.fusion = nn.TransformerEncoder(layer, fusion_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(fusion_dim)
         self.head = nn.Linear(fusion_dim, 1)
+        nn.init.zeros_(self.head.weight)  # start exactly at the bi-encoder's ranking
+        nn.init.zeros_(self.head.bias)
 
     def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected image tokens [B, P, fusion_dim] (a ViT's prefix + patch tokens, or a CNN's grid cells)."""
-        feats = self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
-        if feats.ndim == 4:  # [B, C, H, W] from a convolutional trunk -> one token per cell
-            feats = feats.flatten(2).transpose(1, 2)
-        return self.visual_proj(feats) + self.type_embed.weight[IMAGE_TYPE]
+        """The trunk's raw token states [B, P, width] (a ViT's prefix + patch tokens); `fuse` projects them."""
+        return self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Projected text token states [B, L, fusion_dim]."""
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.text_proj(hidden) + self.type_embed.weight[TEXT_TYPE]
+        """The text tower's raw token states [B, L, width]; `fuse` projects them."""
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def fuse(self, text_tokens: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """Scores [B] of the pairs (text_tokens[b], image_tokens[b]) by joint attention from [CLS]."""
+    def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder)."""
+        if self.bi_visual_proj is None:
+            return text_states.new_zeros(text_states.shape[0])
+        image_emb = F.normalize(self.bi_visual_proj(self.visual.forward_head(image_states)), dim=-1)
+        text_emb = F.normalize(self.bi_text_proj(pool_tokens(text_states, attention_mask, self.pooling)), dim=-1)
+        return self.bi_logit_scale.reshape(()) * (image_emb * text_emb).sum(-1)
+
+    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of the pairs (text_states[b], image_states[b]): bi-encoder prior + joint-attention correction."""
+        image_tokens = image_states
+        if image_tokens.ndim == 4:  # [B, C, H, W] from a convolutional trunk -> one token per cell
+            image_tokens = image_tokens.flatten(2).transpose(1, 2)
+        image_tokens = self.visual_proj(image_tokens) + self.type_embed.weight[IMAGE_TYPE]
+        text_tokens = self.text_proj(text_states) + self.type_embed.weight[TEXT_TYPE]
         b = text_tokens.shape[0]
         tokens = torch.cat([self.cls.expand(b, -1, -1), text_tokens, image_tokens], dim=1)
         keep = torch.cat(
@@ -70,7 +93,8 @@ class MultimodalReranker(nn.Module):
             dim=1,
         )
         out = self.fusion(tokens, src_key_padding_mask=keep == 0)  # True marks padding to ignore
-        return self.head(self.norm(out[:, 0])).squeeze(-1)
+        correction = self.head(self.norm(out[:, 0])).squeeze(-1)
+        return correction + self.prior(text_states, attention_mask, image_states)
 
     def score(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Relevance scores [B] of B (image, caption) pairs."""
@@ -104,4 +128,5 @@ def build_reranker(dual_encoder: nn.Module, rerank_cfg: RerankConfig) -> Multimo
         fusion_dim=rerank_cfg.fusion_dim,
         fusion_layers=rerank_cfg.fusion_layers,
         fusion_heads=rerank_cfg.fusion_heads,
+        bi_encoder=dual_encoder,
     )
