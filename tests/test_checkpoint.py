@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -64,8 +65,11 @@ def test_rng_state_round_trip():
 def engine_factory():
     """A tiny DeepSpeed ZeRO-2 engine in this process (world of one)."""
     deepspeed = pytest.importorskip("deepspeed")
+    import deepspeed.comm.comm as ds_comm
+
     from mmscale.train import distributed
 
+    saved_env = dict(os.environ)  # init_distributed fills in RANK, MASTER_PORT, ... for a world of one
     distributed.init_distributed(timeout_s=60)
 
     def make(seed: int):
@@ -76,7 +80,12 @@ def engine_factory():
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         return engine
 
-    return make
+    yield make
+    # Leave the pytest process as it was: no process group, no launcher variables.
+    distributed.destroy()
+    ds_comm.cdb = None
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
 def _train(engine, steps: int, seed: int) -> None:

@@ -111,8 +111,9 @@ def test_a_killed_rank_ends_the_job_with_an_error(demo_data, hostfile, tmp_path)
     _wait_for_step(out, 1, nodes)
     import psutil
 
-    # The rank itself (it has LOCAL_RANK in its environment), not the launcher above it.
-    rank1 = [c for c in psutil.Process(nodes[1].pid).children(recursive=True) if "LOCAL_RANK" in c.environ()]
+    # The rank itself, not the launcher processes above it.
+    rank1 = [c for c in psutil.Process(nodes[1].pid).children(recursive=True)
+             if "mmscale" in c.cmdline() and "deepspeed.launcher.launch" not in c.cmdline()]
     assert len(rank1) == 1
     rank1[0].kill()
     killed = time.monotonic()
