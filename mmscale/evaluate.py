@@ -337,14 +337,38 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         eval_cfg=eval_cfg,
         device=device,
     )
+    report = {"model": str(args.model), "data": args.data, "metrics": metrics}
+    if getattr(args, "reranker", ""):
+        report["rerank"] = _evaluate_reranker(args, model, model_cfg, mean, std, device)
     if distributed.get_rank() == 0:
-        report = {"model": str(args.model), "data": args.data, "metrics": metrics}
         text = json.dumps(report, indent=2)
         print(text)
+        if "rerank" in report:
+            from mmscale.retrieval.rerank_eval import format_rerank_table
+
+            print(format_rerank_table(report["rerank"]))
         if args.output:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(text + "\n")
-    if getattr(args, "reranker", ""):
-        log.warning("--reranker: re-ranked evaluation is `mmscale.retrieval.rerank_eval`; not wired into eval yet")
     distributed.destroy()
     return 0
+
+
+def _evaluate_reranker(args: argparse.Namespace, bi_encoder, model_cfg, mean, std, device) -> dict:
+    """Bi-encoder alone vs its top-k re-ranked by `args.reranker`, on every rank together."""
+    from mmscale.data import build_eval_loader
+    from mmscale.models import load_tokenizer
+    from mmscale.retrieval.encode import load_trained
+    from mmscale.retrieval.rerank_eval import evaluate_rerank
+
+    reranker, rerank_model_cfg = load_trained(args.reranker, "reranker")
+    tokenizer = load_tokenizer(rerank_model_cfg.text)
+    batches = build_eval_loader(
+        args.data, batch_size=args.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
+        image_size=model_cfg.vision.image_size, mean=mean, std=std, tokenizer=tokenizer,
+        max_length=rerank_model_cfg.text.max_length,
+    )  # fmt: skip
+    return evaluate_rerank(
+        bi_encoder, reranker.to(device), batches, tokenizer=tokenizer, max_length=rerank_model_cfg.text.max_length,
+        top_k=args.top_k, device=device,
+    )  # fmt: skip

@@ -125,25 +125,24 @@ def save_split(split: EncodedSplit, output: str | Path) -> None:
 # --------------------------------------------------------------------------- loading the bi-encoder
 
 
-def load_bi_encoder(path: str | Path):
-    """(dual encoder in eval mode, its ModelConfig) from a training checkpoint or an export.
+def load_trained(path: str | Path, kind: str = "dual_encoder"):
+    """(model of `kind` in eval mode, its ModelConfig) from a training checkpoint or an export.
 
     The config is self-contained (rebuilds the towers without the hub) and its
     `text.tokenizer` names a local tokenizer: the run's own, or the export's copy.
     """
-    from mmscale.export import CONFIG_FILE, TOKENIZER_DIR, ModelSpec, is_export_dir, load_checkpoint_model
+    from mmscale.export import is_export_dir, load_model
     from mmscale.models import resolve_model_path
 
-    if is_export_dir(path):
-        from mmscale.inference import load
-
-        spec = ModelSpec.from_json(json.loads((Path(path) / CONFIG_FILE).read_text()))
-        model, tokenizer = load(str(path)), str(Path(path) / TOKENIZER_DIR)
-    else:
-        model, spec, run_cfg, _ = load_checkpoint_model(path)
-        tokenizer = resolve_model_path(run_cfg.model.text.tokenizer or run_cfg.model.text.name_or_path)
-    if spec.kind != "dual_encoder":
-        raise ValueError(f"{path}: holds a {spec.kind}, not the bi-encoder (dual_encoder) mining needs")
+    model, spec = load_model(path)  # an export's spec already anchors its tokenizer directory
+    if spec.kind != kind:
+        raise ValueError(f"{path}: holds a {spec.kind}, not the {kind} asked for")
     model_cfg = spec.model
-    model_cfg.text.tokenizer = tokenizer
+    if not is_export_dir(path):
+        model_cfg.text.tokenizer = resolve_model_path(model_cfg.text.tokenizer or model_cfg.text.name_or_path)
     return model.eval(), model_cfg
+
+
+def load_bi_encoder(path: str | Path):
+    """(dual encoder in eval mode, its ModelConfig) from a training checkpoint or an export."""
+    return load_trained(path, "dual_encoder")
