@@ -9,7 +9,8 @@ group inside the opposite half, so the caption's relation is visibly true.
 The validation split is held out by *composition*: every scene is reduced to a
 canonical form ("B below A" is the same scene as "A above B") and hashed; about one in
 five compositions belongs to val, the rest to train. Train and val therefore never
-share a caption. Keys are disjoint too: val keys continue the shard numbering after
+share a caption. Every scene is captioned in its canonical form only ("above", "to the left
+of"), so one picture never has two different captions. Keys are disjoint too: val keys continue the shard numbering after
 the last train shard (files are still ``val/00000.tar, ...``).
 
     python tools/make_demo_data.py --output data/demo --train-samples 2000 \\
@@ -96,7 +97,11 @@ def random_scene(rng: random.Random, split: str) -> Scene:
     while True:
         scene = Scene(random_group(rng), rng.choice(RELATIONS), random_group(rng))
         if scene.split() == split:
-            return scene
+            # Tell every scene one way only: "B below A" and "A above B" are the same picture, and
+            # two different captions for one picture would be false negatives for the contrastive
+            # loss, for hard-negative mining and for retrieval metrics alike.
+            subject, relation, anchor = scene.canonical()
+            return Scene(Group(**subject), relation, Group(**anchor))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
