@@ -157,6 +157,7 @@ class RerankConfig:
     fusion_layers: int = 2
     fusion_heads: int = 4
     fusion_dim: int = 256
+    freeze_towers: bool = True  # train only the fusion on the bi-encoder's frozen towers (fast; keeps its prior)
     listwise_weight: float = 1.0
     distill_weight: float = 1.0
     distill_temperature: float = 1.0

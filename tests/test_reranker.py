@@ -27,7 +27,8 @@ def dual():
 @pytest.fixture
 def reranker(dual):
     torch.manual_seed(1)
-    return build_reranker(dual, RerankConfig(fusion_dim=32, fusion_heads=2, fusion_layers=1)).eval()
+    cfg = RerankConfig(fusion_dim=32, fusion_heads=2, fusion_layers=1, freeze_towers=False)
+    return build_reranker(dual, cfg).eval()
 
 
 def _batch(b=3, length=6, g=None):
@@ -96,3 +97,24 @@ def test_untrained_reranker_ranks_exactly_as_the_bi_encoder(dual, reranker):
         scale, _ = dual.scale_and_bias()
         expected = scale * (dual.encode_image(pixels) * dual.encode_text(ids, mask)).sum(-1)
         assert torch.allclose(reranker.score(pixels, ids, mask), expected, atol=1e-5)
+
+
+def test_frozen_towers_train_only_the_fusion_and_keep_the_prior():
+    torch.manual_seed(0)
+    dual = build_dual_encoder(TINY)
+    frozen = build_reranker(dual, RerankConfig(fusion_dim=32, fusion_heads=2, fusion_layers=1)).train()
+    tower_params = [p for m in (frozen.visual, frozen.text, frozen.bi_visual_proj, frozen.bi_text_proj)
+                    for p in m.parameters()]  # fmt: skip
+    before = [p.detach().clone() for p in tower_params]
+    pixels, ids, mask = _batch(b=4, g=3)
+    opt = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = listwise_softmax_loss(frozen(pixels, ids, mask))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # the fusion alone learns the groups
+    assert all(p.grad is None for p in tower_params)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, tower_params))

@@ -35,16 +35,22 @@ class MultimodalReranker(nn.Module):
         fusion_layers: int = 2,
         fusion_heads: int = 4,
         bi_encoder: nn.Module | None = None,
+        freeze_towers: bool = False,
     ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
+        self.freeze_towers = freeze_towers
         # The bi-encoder's scoring path (projections, pooling, temperature): the score's prior.
         self.pooling = getattr(bi_encoder, "pooling", "mean")
         self.bi_visual_proj = bi_encoder.visual_proj if bi_encoder is not None else None
         self.bi_text_proj = bi_encoder.text_proj if bi_encoder is not None else None
         scale = bi_encoder.scale_and_bias()[0].detach().reshape(1) if bi_encoder is not None else torch.zeros(1)
         self.register_buffer("bi_logit_scale", scale.clone())
+        if freeze_towers:  # only the fusion learns; the towers run without building a graph
+            for module in (visual, text, self.bi_visual_proj, self.bi_text_proj):
+                if module is not None:
+                    module.requires_grad_(False)
         self.visual_proj = nn.Sequential(nn.Linear(vision_width(visual), fusion_dim), nn.LayerNorm(fusion_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_width(text), fusion_dim), nn.LayerNorm(fusion_dim))
         self.type_embed = nn.Embedding(2, fusion_dim)
@@ -61,11 +67,13 @@ class MultimodalReranker(nn.Module):
 
     def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The trunk's raw token states [B, P, width] (a ViT's prefix + patch tokens); `fuse` projects them."""
-        return self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_towers):
+            return self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's raw token states [B, L, width]; `fuse` projects them."""
-        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_towers):
+            return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder)."""
@@ -129,4 +137,5 @@ def build_reranker(dual_encoder: nn.Module, rerank_cfg: RerankConfig) -> Multimo
         fusion_layers=rerank_cfg.fusion_layers,
         fusion_heads=rerank_cfg.fusion_heads,
         bi_encoder=dual_encoder,
+        freeze_towers=rerank_cfg.freeze_towers,
     )
