@@ -42,19 +42,19 @@ class DataConfig:
     remainder: str = "drop"  # epoch-end samples that do not fill a batch on every rank: drop | pad
     shard_retries: int = 3  # attempts to open an unreachable shard before it is skipped
     shard_retry_delay: float = 0.5  # seconds before the first retry of a shard, doubling after each
-    prefetch_factor: int = 4
+    prefetch_factor: int = 4  # batches each worker prepares ahead
 
 
 @dataclass
 class VisionConfig:
     """The timm image tower."""
 
-    name: str = "vit_tiny_patch16_224"
-    image_size: int = 224
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    image_size: int = 224  # square input side in pixels
     weights: str = ""  # optional local file of timm weights (no hub at run time)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for tiny towers
     locked: bool = False  # LiT-style: freeze the tower (its projection still trains)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
 @dataclass
@@ -65,20 +65,20 @@ class TextConfig:
     tokenizer: str = ""  # defaults to name_or_path
     config: dict[str, Any] = field(default_factory=dict)  # inline config: random-init tower
     pooling: str = "mean"  # cls | mean | eos
-    max_length: int = 32
-    locked: bool = False
-    grad_checkpointing: bool = False
+    max_length: int = 32  # tokens per caption (longer ones are truncated)
+    locked: bool = False  # freeze the text tower (its projection still trains)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
 
 
 @dataclass
 class ModelConfig:
     """The dual encoder: two towers projected into one space."""
 
-    embed_dim: int = 256
+    embed_dim: int = 256  # shared embedding size both towers project to
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    init_logit_scale: float = math.log(1 / 0.07)
-    max_logit_scale: float = math.log(100)
+    init_logit_scale: float = math.log(1 / 0.07)  # initial log of the logit scale: ln(1/0.07)
+    max_logit_scale: float = math.log(100)  # the log scale is clamped here: ln(100)
     init_logit_bias: float = -10.0  # SigLIP only
 
 
@@ -97,23 +97,23 @@ class TrainConfig:
 
     global_batch_size: int = 256  # contrastive batch across all ranks
     chunk_size: int = 32  # samples per forward/backward chunk in the gradient cache
-    steps: int = 1000
-    lr: float = 5e-4
+    steps: int = 1000  # optimizer steps of the run
+    lr: float = 5e-4  # peak learning rate (AdamW)
     min_lr: float = 0.0  # cosine decays to this
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr, then cosine decay
     weight_decay: float = 0.2  # not applied to norms, biases, logit scale/bias
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     zero_stage: int = 2  # 0 | 1 | 2 | 3
     offload: bool = False  # ZeRO-Offload of optimizer state to CPU
     precision: str = "fp32"  # fp32 | bf16
-    seed: int = 0
+    seed: int = 0  # seeds model init, data order, augmentation and dropout
     gradcache: bool = True  # False: one plain forward/backward over the per-rank batch
     ds_config: str = ""  # optional DeepSpeed JSON template; mmscale fills batch fields itself
-    log_every: int = 10
-    save_every: int = 500
-    keep_checkpoints: int = 3
+    log_every: int = 10  # steps between metrics.jsonl/TensorBoard records
+    save_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # newest complete checkpoints kept
     resume: str = "auto"  # auto | none | PATH
     eval_every: int = 0  # 0: only at the end
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -125,9 +125,9 @@ class TrainConfig:
 class EvalConfig:
     """Retrieval evaluation."""
 
-    batch_size: int = 256
+    batch_size: int = 256  # samples per encoding batch
     zero_shot_classes: str = ""  # optional file: class names and prompt templates
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])  # Recall@k cut-offs
 
 
 @dataclass
@@ -139,13 +139,13 @@ class MineConfig:
     output: str = ""  # defaults to OUTPUT_DIR/mined
     range_min: int = 0  # skip the first range_min candidates by rank
     range_max: int = 100  # consider candidates up to this rank
-    num_negatives: int = 7
+    num_negatives: int = 7  # negatives kept per query
     absolute_margin: float | None = None  # keep negatives scoring <= positive - absolute_margin; null: no rule
     relative_margin: float | None = None  # keep negatives scoring <= positive * (1 - relative_margin); null: no rule
     sampling_strategy: str = "top"  # top | random
-    seed: int = 0
-    block_size: int = 4096
-    use_faiss: bool = False
+    seed: int = 0  # for sampling_strategy random
+    block_size: int = 4096  # queries scored per block of the exact top-k search
+    use_faiss: bool = False  # use a flat FAISS index when faiss is installed
 
 
 @dataclass
@@ -154,17 +154,17 @@ class RerankConfig:
 
     mined: str = ""  # output of `mmscale mine`
     group_size: int = 8  # one positive and group_size - 1 mined negatives
-    fusion_layers: int = 2
-    fusion_heads: int = 4
-    fusion_dim: int = 256
+    fusion_layers: int = 2  # joint-attention transformer layers
+    fusion_heads: int = 4  # attention heads per fusion layer
+    fusion_dim: int = 256  # width of the fusion transformer
     freeze_towers: bool = True  # train only the fusion on the bi-encoder's frozen towers (fast; keeps its prior)
-    listwise_weight: float = 1.0
-    distill_weight: float = 1.0
-    distill_temperature: float = 1.0
+    listwise_weight: float = 1.0  # weight of the listwise softmax cross-entropy
+    distill_weight: float = 1.0  # weight of the KL distillation from the bi-encoder's scores
+    distill_temperature: float = 1.0  # softmax temperature of the distillation
     global_batch_size: int = 32  # groups per step across ranks
-    steps: int = 200
-    lr: float = 1e-4
-    warmup_steps: int = 20
+    steps: int = 200  # optimizer steps of the reranker
+    lr: float = 1e-4  # peak learning rate of the reranker
+    warmup_steps: int = 20  # linear warmup steps of the reranker
     top_k: int = 20  # bi-encoder candidates re-ranked at evaluation
     teacher_scale: float = 0.0  # bi-encoder logits = teacher_scale * cosine; 0: its own logit scale
 
@@ -173,7 +173,7 @@ class RerankConfig:
 class Config:
     """One run of mmscale."""
 
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, tb/ and config.yaml of the run
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
