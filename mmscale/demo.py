@@ -65,8 +65,8 @@ def run_demo(args: argparse.Namespace) -> int:
     env = _env(ranks)
     quick = bool(getattr(args, "quick", False))
     train_samples, val_samples = (4000, 400) if quick else (12000, 500)
-    steps = 60 if quick else 250
-    rerank_steps = 60 if quick else 150
+    steps = 40 if quick else 160
+    rerank_steps = 40 if quick else 150
     data, bienc, mined, reranker = out / "data", out / "biencoder", out / "mined", out / "reranker"
     timings: dict[str, float] = {}
 
