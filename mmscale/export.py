@@ -54,7 +54,7 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A complete step directory: `path` itself, or the newest one under `path` or `path/checkpoints`."""
-    from mmscale.train.checkpoint import CHECKPOINT_SUBDIR, COMPLETE_MARKER, TMP_PREFIX, find_latest, is_complete
+    from mmscale.train.checkpoint import COMPLETE_MARKER, TMP_PREFIX, find_latest_below, is_complete
 
     p = Path(path)
     if not p.exists():
@@ -67,10 +67,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if _has_model_states(p):
         # A plain DeepSpeed tag directory (not written by mmscale's Checkpointer): usable if a config is near.
         return p
-    for root in (p, p / CHECKPOINT_SUBDIR):
-        latest = find_latest(root)
-        if latest is not None:
-            return latest
+    latest = find_latest_below(p)
+    if latest is not None:
+        return latest
     raise ExportError(
         f"{p}: not a checkpoint: expected a step_* directory with complete.json, "
         f"a checkpoints/ directory holding them, or a run's output_dir"

@@ -90,10 +90,8 @@ def _progress(iterable: Iterable, total: int | None, show: bool, desc: str) -> I
 # --------------------------------------------------------------------------- models
 
 
-class EmbeddingModel:
-    """A dual encoder ready for inference: `encode_text`, `encode_image`, `similarity`."""
-
-    kind = "dual_encoder"
+class _LoadedModel:
+    """A trained module in eval mode on a device, with the tokenizer and image preprocessing it was trained with."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, preprocess: Preprocess, max_length: int, device: str) -> None:
         self.model = model.eval().to(device)
@@ -101,6 +99,12 @@ class EmbeddingModel:
         self.preprocess = preprocess
         self.max_length = max_length
         self.device = torch.device(device)
+
+
+class EmbeddingModel(_LoadedModel):
+    """A dual encoder ready for inference: `encode_text`, `encode_image`, `similarity`."""
+
+    kind = "dual_encoder"
 
     @property
     def embed_dim(self) -> int:
@@ -205,17 +209,10 @@ def finish(emb: torch.Tensor, truncate_dim: int | None, normalize: bool, embed_d
     return emb.cpu()
 
 
-class RerankerModel:
+class RerankerModel(_LoadedModel):
     """A cross-encoder ready for inference: `score` (query, image) pairs and `rerank` candidates."""
 
     kind = "reranker"
-
-    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: Preprocess, max_length: int, device: str) -> None:
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess
-        self.max_length = max_length
-        self.device = torch.device(device)
 
     def score(self, query: str, images: Sequence[ImageInput], batch_size: int = 32) -> torch.Tensor:
         """Relevance scores [N] (float32, CPU, higher is better; logits, not probabilities) of `query` vs each image."""

@@ -35,10 +35,11 @@ def run_rank(out_path: str) -> None:
     from mmscale.config import load_config, validate_world
     from mmscale.losses import build_loss
     from mmscale.models import build_dual_encoder
-    from mmscale.train.engine import build_engine, init_distributed
+    from mmscale.train.distributed import init_distributed
+    from mmscale.train.engine import build_engine
     from mmscale.train.gradcache import train_step
 
-    init_distributed()
+    init_distributed(timeout_s=600)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = {}
     for name, overrides in RUNS.items():

@@ -86,6 +86,15 @@ def find_latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def find_latest_below(path: Path) -> Path | None:
+    """The newest complete checkpoint in a checkpoints directory or in a run's output_dir."""
+    for root in (path, path / CHECKPOINT_SUBDIR):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    return None
+
+
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     """Turn `train.resume` (auto | none | PATH) into a checkpoint directory or a fresh start."""
     if resume in ("", "none"):
@@ -95,11 +104,9 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     path = Path(resume)
     if is_complete(path):
         return path
-    # Also accept a checkpoints directory or a whole run's output_dir.
-    for root in (path, path / CHECKPOINT_SUBDIR):
-        latest = find_latest(root)
-        if latest is not None:
-            return latest
+    latest = find_latest_below(path)
+    if latest is not None:
+        return latest
     raise CheckpointError(
         f"train.resume={resume!r}: no complete checkpoint there (a step_* directory with {COMPLETE_MARKER}, "
         "or a directory holding them)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -53,6 +54,9 @@ def init_distributed(timeout_s: float) -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     _default_single_process_env()
+    # DeepSpeed's ZeRO still calls the renamed all_gather_into_tensor; its FutureWarning, once per
+    # call site and rank, would bury the training log.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     if not dist.is_initialized():

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +111,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup_steps, t.steps, t.min_lr / t.lr))
 
 
-def init_distributed(timeout_s: int = 1800) -> None:
-    """Start the process group (the accelerator's backend: nccl on GPUs, gloo/ccl on CPU) if not yet up."""
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
-
-
 def build_engine(
     cfg: Config,
     model: nn.Module,
@@ -133,7 +124,9 @@ def build_engine(
     """
     import deepspeed
 
-    init_distributed(cfg.train.timeout_s)
+    from mmscale.train.distributed import init_distributed
+
+    init_distributed(cfg.train.timeout_s)  # a no-op when the caller already joined the group
     optimizer = optimizer if optimizer is not None else build_optimizer(cfg, model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(param_groups(model, cfg.train.weight_decay))
