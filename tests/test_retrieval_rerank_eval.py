@@ -62,3 +62,64 @@ def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
     assert results["reranked"]["recall@5"] == 1.0  # beyond top_k the bi-encoder's order is kept
     table = format_rerank_table(results)
     assert "recall@1" in table and "+ reranker (top 3)" in table
+
+
+def _rank_batches(rank: int, world: int, n: int):
+    """This rank's share of n samples, in batches of 3 (ranks hold different counts)."""
+    idx = list(range(rank, n, world))
+    for start in range(0, len(idx), 3):
+        part = idx[start : start + 3]
+        yield {
+            "image": torch.tensor(part, dtype=torch.float).view(-1, 1),
+            "input_ids": torch.tensor(part).view(-1, 1),
+            "attention_mask": torch.ones(len(part), 1, dtype=torch.long),
+            "key": [f"k{i}" for i in part],
+            "text": [f"t{i}" for i in part],
+        }
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # batch_size 4 does not divide the rank slices of the 12-image corpus: the blocks must stop at
+    # each rank's boundary or every later image's tokens shift (a bug this test caught).
+    results = evaluate_rerank(
+        ShiftedBiEncoder12(), OracleReranker(), _rank_batches(rank, world, 12), tokenizer=_tokenizer, max_length=1,
+        top_k=3, ks=(1, 2, 5), batch_size=4,
+    )  # fmt: skip
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+class ShiftedBiEncoder12(ShiftedBiEncoder):
+    """The shifted bi-encoder over a 12-image corpus."""
+
+    def encode_image(self, pixels):
+        return nn.functional.one_hot(pixels[:, 0].long(), 12).float()
+
+    def encode_text(self, input_ids, attention_mask):
+        i = input_ids[:, 0]
+        return nn.functional.normalize(
+            nn.functional.one_hot((i + 1) % 12, 12).float() + 0.5 * nn.functional.one_hot(i, 12).float(), dim=1
+        )
+
+
+def test_two_ranks_give_the_single_process_result(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    single = evaluate_rerank(
+        ShiftedBiEncoder12(), OracleReranker(), _rank_batches(0, 1, 12), tokenizer=_tokenizer, max_length=1,
+        top_k=3, ks=(1, 2, 5), batch_size=4,
+    )  # fmt: skip
+    assert single["reranked"]["recall@1"] == 1.0
+    out = tmp_path / "two.json"
+    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(single))

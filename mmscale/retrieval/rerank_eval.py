@@ -49,7 +49,8 @@ def evaluate_rerank(
     reranker.eval()
     lo, hi = rank * n // world, (rank + 1) * n // world
     local_tokens = [
-        reranker.encode_image_tokens(split.images[i : i + batch_size].to(device)).cpu()
+        # Stop at `hi`: a block running into the next rank's slice would shift every later row.
+        reranker.encode_image_tokens(split.images[i : min(i + batch_size, hi)].to(device)).cpu()
         for i in range(lo, hi, batch_size)
     ]
     image_tokens = gather_rows(torch.cat(local_tokens) if local_tokens else _empty_tokens(reranker, split, device))
