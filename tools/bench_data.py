@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pil-variant", action="store_true", help="also time mmscale with PIL decoding")
     p.add_argument("--shards", default="", help="existing shards to read instead of writing new ones")
-    p.add_argument("--output", default="bench_data.json")
+    p.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "bench_results" / "data.json"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # the workers do the work; keep the main process from competing for cores
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "output"} | {"tokenizer": tokenizer_name},
         "results": rows,
     }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
