@@ -10,15 +10,20 @@ N = 6
 
 
 class ShiftedBiEncoder(nn.Module):
-    """Ranks the right image second for every caption: caption i is closest to image i + 1."""
+    """Ranks the right image second for every caption: caption i is closest to image i + 1 (of n)."""
+
+    def __init__(self, n: int = N) -> None:
+        super().__init__()
+        self.n = n
 
     def encode_image(self, pixels):
-        return nn.functional.one_hot(pixels[:, 0].long(), N).float()
+        return nn.functional.one_hot(pixels[:, 0].long(), self.n).float()
 
     def encode_text(self, input_ids, attention_mask):
         i = input_ids[:, 0]
         return nn.functional.normalize(
-            nn.functional.one_hot((i + 1) % N, N).float() + 0.5 * nn.functional.one_hot(i, N).float(), dim=1
+            nn.functional.one_hot((i + 1) % self.n, self.n).float() + 0.5 * nn.functional.one_hot(i, self.n).float(),
+            dim=1,
         )
 
 
@@ -40,15 +45,7 @@ def _tokenizer(texts):
 
 
 def _batches():
-    for start in (0, 4):  # two batches of unequal size
-        idx = list(range(start, min(start + 4, N)))
-        yield {
-            "image": torch.tensor(idx, dtype=torch.float).view(-1, 1),
-            "input_ids": torch.tensor(idx).view(-1, 1),
-            "attention_mask": torch.ones(len(idx), 1, dtype=torch.long),
-            "key": [f"k{i}" for i in idx],
-            "text": [f"t{i}" for i in idx],
-        }
+    return _rank_batches(0, 1, N, size=4)  # two batches of unequal size (4 and 2)
 
 
 def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
@@ -64,11 +61,11 @@ def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
     assert "recall@1" in table and "+ reranker (top 3)" in table
 
 
-def _rank_batches(rank: int, world: int, n: int):
-    """This rank's share of n samples, in batches of 3 (ranks hold different counts)."""
+def _rank_batches(rank: int, world: int, n: int, size: int = 3):
+    """This rank's share of n samples, in batches of `size` (ranks may hold different counts)."""
     idx = list(range(rank, n, world))
-    for start in range(0, len(idx), 3):
-        part = idx[start : start + 3]
+    for start in range(0, len(idx), size):
+        part = idx[start : start + size]
         yield {
             "image": torch.tensor(part, dtype=torch.float).view(-1, 1),
             "input_ids": torch.tensor(part).view(-1, 1),
@@ -88,7 +85,7 @@ def _two_rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     # batch_size 4 does not divide the rank slices of the 12-image corpus: the blocks must stop at
     # each rank's boundary or every later image's tokens shift (a bug this test caught).
     results = evaluate_rerank(
-        ShiftedBiEncoder12(), OracleReranker(), _rank_batches(rank, world, 12), tokenizer=_tokenizer, max_length=1,
+        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(rank, world, 12), tokenizer=_tokenizer, max_length=1,
         top_k=3, ks=(1, 2, 5), batch_size=4,
     )  # fmt: skip
     if rank == 0:
@@ -97,26 +94,13 @@ def _two_rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-class ShiftedBiEncoder12(ShiftedBiEncoder):
-    """The shifted bi-encoder over a 12-image corpus."""
-
-    def encode_image(self, pixels):
-        return nn.functional.one_hot(pixels[:, 0].long(), 12).float()
-
-    def encode_text(self, input_ids, attention_mask):
-        i = input_ids[:, 0]
-        return nn.functional.normalize(
-            nn.functional.one_hot((i + 1) % 12, 12).float() + 0.5 * nn.functional.one_hot(i, 12).float(), dim=1
-        )
-
-
 def test_two_ranks_give_the_single_process_result(tmp_path):
     import json
 
     import torch.multiprocessing as mp
 
     single = evaluate_rerank(
-        ShiftedBiEncoder12(), OracleReranker(), _rank_batches(0, 1, 12), tokenizer=_tokenizer, max_length=1,
+        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(0, 1, 12), tokenizer=_tokenizer, max_length=1,
         top_k=3, ks=(1, 2, 5), batch_size=4,
     )  # fmt: skip
     assert single["reranked"]["recall@1"] == 1.0
