@@ -6,10 +6,11 @@ e = f_θ(x) of the whole global batch and the logit scale/bias s = g_θ. By the 
 
     dL/dθ = Σ_chunks (∂e_c/∂θ)ᵀ · ∂L/∂e_c  +  (∂s/∂θ)ᵀ · ∂L/∂s.
 
-So: (1) embed every chunk without a graph; (2) compute the loss on the gathered global batch and
-backpropagate only to the embeddings and s, caching ∂L/∂e and ∂L/∂s; (3) re-embed each chunk WITH
-a graph and backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c), whose gradient w.r.t. θ is
-exactly the first term; the second term rides on the last chunk as s · stopgrad(∂L/∂s). Pass 2
+So: (1) embed every chunk without a graph, except the last, whose graph is kept; (2) compute the
+loss on the gathered global batch and backpropagate only to the embeddings and s, caching ∂L/∂e
+and ∂L/∂s; (3) backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c) through each chunk's graph
+(the kept one first, the others re-embedded WITH a graph), whose gradient w.r.t. θ is exactly the
+first term; the second term rides on the first of these backwards as s · stopgrad(∂L/∂s). Pass 2
 restores each chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is
 then the exact gradient of the loss that pass 1 computed.
 """
@@ -112,14 +113,18 @@ def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: i
     """
     chunks = split_chunks(model_inputs(batch, engine.device), chunk_size)
 
-    # Pass 1: embeddings only, no activations kept.
+    # Pass 1: embeddings without a graph, except for the last chunk: its graph is kept, and its
+    # backward runs first in pass 2, so that one chunk is encoded once instead of twice while at
+    # most one chunk's activations are alive at any time, as before.
+    last = len(chunks) - 1
     rng_states, image_parts, text_parts = [], [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            rng_states.append(get_rng_state())
+    for i, chunk in enumerate(chunks):
+        rng_states.append(get_rng_state())
+        with torch.set_grad_enabled(i == last):
             out = engine(**chunk)
-            image_parts.append(out["image_emb"])
-            text_parts.append(out["text_emb"])
+        image_parts.append(out["image_emb"].detach())
+        text_parts.append(out["text_emb"].detach())
+    kept = out
     rng_after = get_rng_state()
 
     # Loss on the global batch; backward to the cached leaves only (the gather's backward is an
@@ -137,20 +142,26 @@ def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: i
     image_grad, text_grad = grads[0].split(chunk_size), grads[1].split(chunk_size)
     scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
 
-    # Pass 2: re-embed with a graph under the same RNG state and push the cached gradients through.
+    # Pass 2: push the cached gradients through each chunk's graph: the kept one first, then the
+    # others re-encoded under the same RNG state as in pass 1.
+    order = [last, *range(last)]
     with single_reduction(engine, len(chunks)) as chunk_contexts:
-        for i, (chunk, context) in enumerate(zip(chunks, chunk_contexts)):
-            set_rng_state(rng_states[i])
+        for position, (i, context) in enumerate(zip(order, chunk_contexts)):
             with context:
-                out = engine(**chunk)
+                if i != last:
+                    set_rng_state(rng_states[i])
+                    out = engine(**chunks[i])
+                else:
+                    out = kept
                 # d/dθ Σ e·g = (∂e/∂θ)ᵀ g with g held constant: the chunk's share of dL/dθ.
                 surrogate = (out["image_emb"].float() * image_grad[i]).sum()
                 surrogate = surrogate + (out["text_emb"].float() * text_grad[i]).sum()
-                if i == len(chunks) - 1:
+                if position == 0:
                     # The scale/bias term of the chain rule, added exactly once per step.
                     for name, g in scalar_grads:
                         surrogate = surrogate + (out[name].float() * g).sum()
                 engine.backward(surrogate, scale_wrt_gas=False)
+            kept = out = None  # let the kept graph go as soon as its backward ran
     set_rng_state(rng_after)
     return _result(loss, components, True, len(chunks))
 
