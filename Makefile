@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	DS_ACCELERATOR=cpu $(PY) tools/bench_data.py
 	DS_ACCELERATOR=cpu $(PY) tools/bench_gradcache.py
+	DS_ACCELERATOR=cpu $(PY) tools/bench_gradcache.py --skip_memory --zero_stage 0 --out bench_results/gradcache_zero0.json
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
