@@ -13,20 +13,15 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mmscale.train.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(ranks: int) -> dict[str, str]:
@@ -54,7 +49,7 @@ def _run(title: str, cmd: list[str], env: dict[str, str]) -> float:
 
 def _launcher(ranks: int, module_args: list[str]) -> list[str]:
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--no_local_rank",
+    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
             "--module", "mmscale", *module_args]
 
 

@@ -38,7 +38,6 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory):
-    sys.path.insert(0, str(ROOT))
     from tools.make_demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("shards")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from mmscale.evaluate import (
     retrieval_metrics,
 )
 from mmscale.retrieval.mining import duplicate_groups
+from mmscale.train.distributed import free_port
 
 
 def test_perfect_and_hand_checked_ranks():
@@ -57,12 +57,6 @@ def test_blocked_scoring_matches_one_block():
     assert torch.equal(positive_ranks(q, c, groups, groups, block_size=5), positive_ranks(q, c, groups, groups, 4096))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, parts: list, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -84,7 +78,7 @@ def test_distributed_matches_single_process_with_uneven_and_empty_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, 3, port, parts, queue))
-             for port in [_free_port()] for r in range(3)]
+             for port in [free_port()] for r in range(3)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)

@@ -10,7 +10,6 @@ largest entry where that exceeds 1).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from mmscale.config import load_config
 from mmscale.models import build_dual_encoder
+from mmscale.train.distributed import free_port
 
 WORLD, PER_RANK, CHUNK, LR = 2, 8, 4, 0.1
 TOL = 1e-5
@@ -188,12 +188,6 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
                         "nan_result": nan_result},
                        Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmscale.monitor import read_metrics
+from mmscale.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +26,8 @@ TINY = ROOT / "launch" / "configs" / "tiny.yaml"
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    sys.path.insert(0, str(ROOT))
     from tools.make_demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
@@ -69,7 +62,7 @@ def _wait_for_step(output: Path, step: int, procs: list[subprocess.Popen], timeo
 
 def test_two_nodes_train_agree_and_stop_cleanly_on_sigterm(demo_data, hostfile, tmp_path):
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         subprocess.Popen(
             ["bash", str(ROOT / "launch" / "train.sh"), str(TINY), *_overrides(demo_data, out, "train.steps=40")],
@@ -96,7 +89,7 @@ def test_two_nodes_train_agree_and_stop_cleanly_on_sigterm(demo_data, hostfile, 
 
 def test_a_killed_rank_ends_the_job_with_an_error(demo_data, hostfile, tmp_path):
     out = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     timeout_s = 20
     nodes = [
         subprocess.Popen(

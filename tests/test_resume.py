@@ -33,7 +33,6 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    sys.path.insert(0, str(ROOT))
     from tools.make_demo_data import make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
