@@ -73,17 +73,22 @@ def test_scores_depend_on_both_image_and_text(reranker):
     assert not torch.allclose(base, swapped_images) and not torch.allclose(base, swapped_texts)
 
 
-def test_listwise_training_lowers_the_loss_and_reaches_the_backbones(reranker):
-    reranker.train()
+def _train_listwise(model, steps: int) -> list[float]:
+    """AdamW on the listwise loss of one fixed batch of groups (trainable parameters only); the losses."""
     pixels, ids, mask = _batch(b=4, g=3)
-    opt = torch.optim.AdamW(reranker.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(15):
-        loss = listwise_softmax_loss(reranker(pixels, ids, mask))
+    for _ in range(steps):
+        loss = listwise_softmax_loss(model(pixels, ids, mask))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_listwise_training_lowers_the_loss_and_reaches_the_backbones(reranker):
+    losses = _train_listwise(reranker.train(), steps=15)
     assert losses[-1] < 0.5 * losses[0]
     assert reranker.visual.patch_embed.proj.weight.grad.abs().sum() > 0
     assert reranker.text.embeddings.word_embeddings.weight.grad.abs().sum() > 0
@@ -106,15 +111,7 @@ def test_frozen_towers_train_only_the_fusion_and_keep_the_prior():
     tower_params = [p for m in (frozen.visual, frozen.text, frozen.bi_visual_proj, frozen.bi_text_proj)
                     for p in m.parameters()]  # fmt: skip
     before = [p.detach().clone() for p in tower_params]
-    pixels, ids, mask = _batch(b=4, g=3)
-    opt = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(40):
-        loss = listwise_softmax_loss(frozen(pixels, ids, mask))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_listwise(frozen, steps=40)
     assert losses[-1] < 0.5 * losses[0]  # the fusion alone learns the groups
     assert all(p.grad is None for p in tower_params)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, tower_params))
