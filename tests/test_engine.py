@@ -9,7 +9,7 @@ import pytest
 
 from mmscale.config import load_config
 from mmscale.models import build_dual_encoder
-from mmscale.train.engine import build_ds_config, ds_template_path, param_groups, warmup_cosine
+from mmscale.train.engine import build_ds_config, build_optimizer, ds_template_path, param_groups, warmup_cosine
 
 TINY = "launch/configs/tiny.yaml"
 
@@ -88,3 +88,25 @@ def test_warmup_then_cosine_to_min_lr():
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_steps_like_the_reference():
+    import torch
+
+    cfg = load_config(TINY, ["train.lr=1e-2", "train.weight_decay=0.1"])
+    torch.manual_seed(0)
+    model = build_dual_encoder(cfg.model)
+    reference = build_dual_encoder(cfg.model)
+    reference.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(cfg, model)
+    fused_on_cpu = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+    assert optimizer.defaults.get("fused") is (True if fused_on_cpu else None)
+    plain = torch.optim.AdamW(param_groups(reference, 0.1), lr=1e-2, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+    for m, opt in ((model, optimizer), (reference, plain)):
+        for step in range(3):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name

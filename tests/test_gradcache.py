@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from mmscale.config import load_config
 from mmscale.models import build_dual_encoder
 from mmscale.train.distributed import free_port
+from mmscale.train.gradcache import chunk_rows, make_chunks
 
 WORLD, PER_RANK, CHUNK, LR = 2, 8, 4, 0.1
 TOL = 1e-5
@@ -120,16 +121,19 @@ def reference_step(name: str) -> dict:
     model = new_model(cfg).train()
     batch = global_batch()
     if dropout:
-        # Same masks as the ranks draw: rank r's seed, its rows, chunk by chunk.
-        parts = []
+        # Same masks as the ranks draw: rank r's seed, its rows, chunk by chunk, each chunk made of
+        # the same samples (grouped by caption length) and cut to the same length as in pass 1.
+        img_parts, txt_parts = [], []
         for rank in range(WORLD):
             torch.manual_seed(rank_seed(rank))
-            rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-            for start in range(0, PER_RANK, CHUNK):
-                chunk = {k: v[rows][start:start + CHUNK] for k, v in batch.items()}
-                parts.append(model(**chunk))
-        img = torch.cat([p["image_emb"] for p in parts])
-        txt = torch.cat([p["text_emb"] for p in parts])
+            inputs = {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+            rows = chunk_rows(inputs, CHUNK, group_by_length=True)
+            assert rows is not None  # the captions differ in length, so the grouping is exercised
+            outs = [model(**chunk) for chunk in make_chunks(inputs, CHUNK, rows)]
+            inverse = torch.argsort(torch.cat(rows))
+            img_parts.append(torch.cat([o["image_emb"] for o in outs])[inverse])
+            txt_parts.append(torch.cat([o["text_emb"] for o in outs])[inverse])
+        img, txt = torch.cat(img_parts), torch.cat(txt_parts)
     else:
         out = model(**batch)
         img, txt = out["image_emb"], out["text_emb"]

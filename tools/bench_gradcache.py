@@ -7,12 +7,15 @@ Sections (a table each, all figures also written to --out as JSON):
             step; every configuration runs in a fresh subprocess so peaks do not mix. Tiny towers
             (launch/configs/tiny.yaml) keep the 4096 plain step affordable on a CPU.
   speed     the comparison architecture (timm vit_tiny_patch16_224 at 64 px + MiniLM-L6 text at 32
-            tokens, embed 256) at batch 256: mmscale plain step, mmscale cached step, open_clip's plain step.
+            tokens, embed 256) at batch 256: mmscale plain step, mmscale cached step (with and without
+            length-grouped chunks), open_clip's plain step; once with captions of 8-32 tokens padded
+            to 32, once with every caption 32 tokens long (full_*: no padding to skip).
   accum     mmscale cached step vs open_clip's `accum_freq` (its training loop's algorithm, re-run
             here on the same model) at batch 1024, micro-batch 32; each one's logit-scale gradient
             compared with the exact full-batch gradient computed from the same embeddings.
   flops     useful training FLOP/s (3 x forward FLOPs per sample, the MFU convention) as a share of
-            the fp32 matmul peak measured here.
+            the fp32 matmul peak measured here. A sample's FLOPs count all 32 text positions, as the
+            padded model computes them; a step that skips padding shows more than it computes.
 Towers run in eval mode (no dropout) so both libraries compute the same function.
 """
 
@@ -185,11 +188,15 @@ def open_clip_model():
     return model, optimizer
 
 
-def make_batch(n: int, seed: int = 0) -> dict:
+def make_batch(n: int, seed: int = 0, full_length: bool = False) -> dict:
+    """Random images and captions of 8..TEXT_LEN real tokens padded to TEXT_LEN, as the loader pads them
+    (`full_length`: every caption fills all TEXT_LEN tokens, so no step can save any text work)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(8, TEXT_LEN + 1, (n, 1), generator=g)
+    if full_length:
+        lengths.fill_(TEXT_LEN)
     mask = (torch.arange(TEXT_LEN)[None] < lengths).long()
     return {"pixel_values": torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g),
             "input_ids": torch.randint(1000, 20000, (n, TEXT_LEN), generator=g) * mask,  # pad id 0 beyond length
@@ -211,7 +218,7 @@ def exact_scale_grad(image_emb, text_emb, log_scale: float, max_log_scale: float
 # --------------------------------------------------------------------------- steps under test
 
 
-def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None) -> dict:
+def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None, group_by_length: bool = True) -> dict:
     """One mmscale step (cached when `chunk` is set), optimizer included; returns time and the scale gradient."""
     from deepspeed.utils import safe_get_full_grad
 
@@ -226,7 +233,7 @@ def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None) -> dict:
     log_scale = engine.module.logit_scale.item()
     t, cpu = time.perf_counter(), time.process_time()
     if chunk:
-        gradcache_step(engine, batch, recording_loss, chunk)
+        gradcache_step(engine, batch, recording_loss, chunk, group_by_length)
     else:
         plain_step(engine, batch, recording_loss)
     grad = safe_get_full_grad(engine.module.logit_scale).item()
@@ -363,11 +370,19 @@ def main() -> None:
 
     # Interleaved repeats, fastest kept: other jobs share these cores, and each step is timed by
     # this process's CPU time (wall time is reported too but swings with the neighbours' load).
+    # Two batches: captions of 8-32 tokens padded to 32 (what the loader delivers), where the
+    # cached step's length-grouped chunks skip most padding; and every caption 32 tokens long,
+    # where nothing can be skipped and the ratio is the pure cost of re-encoding.
     speed_batch = make_batch(args.speed_batch, seed=2)
+    full_batch = make_batch(args.speed_batch, seed=2, full_length=True)
     speed_steps = {
         "mmscale_plain": lambda: mmscale_step(engine, loss_fn, speed_batch, None),
         "mmscale_cached": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk),
+        "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, False),
         "open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, speed_batch),
+        "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, None),
+        "full_mmscale_cached": lambda: mmscale_step(engine, loss_fn, full_batch, args.chunk),
+        "full_open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, full_batch),
     }
     speed = fastest(speed_steps, args.repeats)
     print("  speed done", flush=True)
@@ -384,7 +399,8 @@ def main() -> None:
         r["share_of_matmul_peak"] = r["useful_gflops"] / peak
         r["scale_grad_rel_error"] = abs(r["scale_grad"] - r["scale_grad_exact"]) / abs(r["scale_grad_exact"])
     report["speed"], report["accum"] = speed, accum
-    table(f"step at batch {args.speed_batch} (vit_tiny@{IMAGE_SIZE}px + MiniLM-L6@{TEXT_LEN} tok, embed {EMBED_DIM})",
+    table(f"step at batch {args.speed_batch} (vit_tiny@{IMAGE_SIZE}px + MiniLM-L6@{TEXT_LEN} tok, embed {EMBED_DIM}; "
+          f"captions of 8-{TEXT_LEN} tokens, full_*: all {TEXT_LEN})",
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
           [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
             r["scale_grad_rel_error"]] for k, r in speed.items()])
@@ -392,10 +408,16 @@ def main() -> None:
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
           [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
             r["scale_grad_rel_error"]] for k, r in accum.items()])
+    def time_ratio(a: str, b: str) -> float:
+        return speed[a]["cpu_seconds"] / speed[b]["cpu_seconds"]
+
     ratios = {
-        "cached_over_plain_time": speed["mmscale_cached"]["cpu_seconds"] / speed["mmscale_plain"]["cpu_seconds"],
-        "mmscale_over_open_clip_plain_samples_per_s":
-            speed["mmscale_plain"]["samples_per_s"] / speed["open_clip_plain"]["samples_per_s"],
+        "cached_over_plain_time": time_ratio("mmscale_cached", "mmscale_plain"),
+        "cached_ungrouped_over_plain_time": time_ratio("mmscale_cached_ungrouped", "mmscale_plain"),
+        "full_length_cached_over_plain_time": time_ratio("full_mmscale_cached", "full_mmscale_plain"),
+        "mmscale_over_open_clip_plain_samples_per_s": time_ratio("open_clip_plain", "mmscale_plain"),
+        "full_length_mmscale_over_open_clip_plain_samples_per_s":
+            time_ratio("full_open_clip_plain", "full_mmscale_plain"),
         "mmscale_cached_over_open_clip_accum_samples_per_s":
             accum["mmscale_cached"]["samples_per_s"] / accum["open_clip_accum"]["samples_per_s"],
     }

@@ -98,11 +98,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` with the train section's lr, betas, eps and weight decay."""
+    """AdamW over `param_groups` with the train section's lr, betas, eps and weight decay.
+
+    The fused kernel where this torch has one for the parameters' device (CUDA; CPU since torch
+    2.4): one pass over memory per tensor instead of ~10, which matters on the ZeRO partitions'
+    large flat tensors. Same update rule, so checkpoints move freely between the two.
+    """
     t = cfg.train
-    return torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay
-    )
+    groups = param_groups(model, t.weight_decay)
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:  # no fused kernel for this device / torch
+        log.debug("fused AdamW unavailable (%s); using the default implementation", exc)
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -137,4 +146,8 @@ def build_engine(
         lr_scheduler=scheduler,
         config=ds_config if ds_config is not None else build_ds_config(cfg, world_size),
     )
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # One data-parallel rank has nothing to average, yet stage 0 would still flatten, all-reduce
+        # and copy back every gradient after each backward (about 1.5% of a step here).
+        engine.enable_backward_allreduce = False
     return engine, ds_optimizer, ds_scheduler

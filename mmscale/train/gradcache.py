@@ -13,6 +13,11 @@ and ∂L/∂s; (3) backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c) t
 first term; the second term rides on the first of these backwards as s · stopgrad(∂L/∂s). Pass 2
 restores each chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is
 then the exact gradient of the loss that pass 1 computed.
+
+Which samples share a chunk does not matter to that sum, so with `group_by_length` the chunks are
+formed from captions of similar length, and each chunk's text is cut to its longest caption: the
+padding the loader adds (to `model.text.max_length`) is never encoded. The loss still sees the
+batch in its original order.
 """
 
 from __future__ import annotations
@@ -41,6 +46,45 @@ def split_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[
     """Split every input along the batch dim into chunks of `chunk_size` (the last may be smaller)."""
     n = next(iter(inputs.values())).shape[0]
     return [{k: v[start:start + chunk_size] for k, v in inputs.items()} for start in range(0, n, chunk_size)]
+
+
+def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the text columns after the last real token of the longest caption (exact: pads are masked out).
+
+    Only trailing columns go: with left padding the last column is real and nothing is cut, so
+    position ids never shift.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.shape[1] == 0:
+        return inputs
+    real_columns = mask.bool().any(0).nonzero()
+    keep = int(real_columns.max()) + 1 if len(real_columns) else 1
+    if keep == mask.shape[1]:
+        return inputs
+    return {**inputs, "input_ids": inputs["input_ids"][:, :keep], "attention_mask": mask[:, :keep]}
+
+
+def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length: bool) -> list[torch.Tensor] | None:
+    """The rows of each chunk, longest captions first, or None for contiguous chunks in batch order.
+
+    Grouping by length only pays when captions have different lengths; without an attention mask
+    (or with every caption equally long) it returns None and the cheaper contiguous views are used.
+    """
+    mask = inputs.get("attention_mask")
+    if not group_by_length or mask is None:
+        return None
+    lengths = mask.sum(1)
+    if bool((lengths == lengths[0]).all()):
+        return None
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    return list(order.split(chunk_size))
+
+
+def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[torch.Tensor] | None) -> list[dict]:
+    """The chunks' inputs (rows picked as `chunk_rows` says), each with its text padding cut."""
+    if rows is None:
+        return [trim_padding(chunk) for chunk in split_chunks(inputs, chunk_size)]
+    return [trim_padding({k: v.index_select(0, idx.to(v.device)) for k, v in inputs.items()}) for idx in rows]
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -104,14 +148,18 @@ def _result(loss: torch.Tensor, components: dict[str, float], finite: bool, n_ch
 # --------------------------------------------------------------------------- steps
 
 
-def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int) -> dict[str, Any]:
+def gradcache_step(
+    engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, group_by_length: bool = True
+) -> dict[str, Any]:
     """Accumulate the exact global-batch gradient into `engine` chunk by chunk; the caller then calls `engine.step()`.
 
     Returns the loss components plus `finite` (agreed on all ranks) and `chunks`. When `finite` is
     False no gradient reached the engine on any rank: the caller should skip `engine.step()`.
     Collective: every rank must call it with the same per-rank batch size.
     """
-    chunks = split_chunks(model_inputs(batch, engine.device), chunk_size)
+    inputs = model_inputs(batch, engine.device)
+    rows = chunk_rows(inputs, chunk_size, group_by_length)
+    chunks = make_chunks(inputs, chunk_size, rows)
 
     # Pass 1: embeddings without a graph, except for the last chunk: its graph is kept, and its
     # backward runs first in pass 2, so that one chunk is encoded once instead of twice while at
@@ -129,8 +177,12 @@ def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: i
 
     # Loss on the global batch; backward to the cached leaves only (the gather's backward is an
     # all-reduce, so this too runs on every rank).
-    image_emb = torch.cat(image_parts).float().requires_grad_(True)
-    text_emb = torch.cat(text_parts).float().requires_grad_(True)
+    image_emb, text_emb = torch.cat(image_parts).float(), torch.cat(text_parts).float()
+    if rows is not None:  # back to batch order: the loss pairs row i with row i
+        inverse = torch.argsort(torch.cat(rows)).to(image_emb.device)
+        image_emb, text_emb = image_emb[inverse], text_emb[inverse]
+    image_emb.requires_grad_(True)
+    text_emb.requires_grad_(True)
     scale = out["logit_scale"].detach().float().requires_grad_(True)
     bias = out["logit_bias"].detach().float().requires_grad_(True) if out["logit_bias"] is not None else None
     with torch.enable_grad():
@@ -139,7 +191,11 @@ def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: i
         return _result(loss, components, False, len(chunks))
     leaves = [image_emb, text_emb, scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    image_grad, text_grad = grads[0].split(chunk_size), grads[1].split(chunk_size)
+    if rows is None:
+        image_grad, text_grad = grads[0].split(chunk_size), grads[1].split(chunk_size)
+    else:
+        image_grad = [grads[0][idx.to(grads[0].device)] for idx in rows]
+        text_grad = [grads[1][idx.to(grads[1].device)] for idx in rows]
     scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
 
     # Pass 2: push the cached gradients through each chunk's graph: the kept one first, then the
@@ -168,7 +224,7 @@ def gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: i
 
 def plain_step(engine, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, Any]:
     """One ordinary forward/backward over the whole per-rank batch (gradient cache off)."""
-    out = engine(**model_inputs(batch, engine.device))
+    out = engine(**trim_padding(model_inputs(batch, engine.device)))
     loss, components = loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
     if not all_ranks_finite(loss):
         return _result(loss, components, False, 1)
@@ -176,6 +232,11 @@ def plain_step(engine, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, Any]
     return _result(loss, components, True, 1)
 
 
-def train_step(engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, gradcache: bool = True) -> dict:
+def train_step(
+    engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, gradcache: bool = True,
+    group_by_length: bool = True,
+) -> dict:
     """`gradcache_step` or `plain_step` as `train.gradcache` says (no optimizer step)."""
-    return gradcache_step(engine, batch, loss_fn, chunk_size) if gradcache else plain_step(engine, batch, loss_fn)
+    if gradcache:
+        return gradcache_step(engine, batch, loss_fn, chunk_size, group_by_length)
+    return plain_step(engine, batch, loss_fn)

@@ -192,7 +192,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
                   "attention_mask": batch["attention_mask"]}
-        result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, gradcache=t.gradcache)
+        result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length)
         result["lr"] = lr
         # `finite` is already agreed across ranks by the step, so every rank takes the same branch.
         if result["finite"]:
