@@ -1,4 +1,5 @@
-"""How the gradient cache forms its chunks: padding cut, captions grouped by length, rows kept track of.
+"""How the gradient cache forms its chunks (captions grouped by length, rows kept track of) and how the
+dual encoder cuts a batch's padding.
 
 The multi-rank exactness of a grouped step is in test_gradcache.py (its captions differ in length);
 these are the single-process facts that step relies on.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from mmscale.train.gradcache import chunk_rows, make_chunks, trim_padding
+from mmscale.models.towers import pool_tokens, trim_right_padding
+from mmscale.train.gradcache import chunk_rows, make_chunks
 
 
 def batch(lengths: list[int], width: int = 8, left: bool = False) -> dict[str, torch.Tensor]:
@@ -23,23 +25,25 @@ def batch(lengths: list[int], width: int = 8, left: bool = False) -> dict[str, t
     }
 
 
+def trim(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return trim_right_padding(b["input_ids"], b["attention_mask"])
+
+
 def test_right_padding_is_cut_after_the_longest_caption():
     b = batch([3, 5, 2])
-    cut = trim_padding(b)
-    assert cut["input_ids"].shape == (3, 5) and cut["attention_mask"].shape == (3, 5)
-    assert torch.equal(cut["input_ids"], b["input_ids"][:, :5])
-    assert cut["pixel_values"] is b["pixel_values"]
+    ids, mask = trim(b)
+    assert ids.shape == (3, 5) and mask.shape == (3, 5)
+    assert torch.equal(ids, b["input_ids"][:, :5])
 
 
 def test_left_padding_and_full_captions_are_left_alone():
     # Cutting leading columns would shift the real tokens' position ids.
     for b in (batch([3, 5, 2], left=True), batch([8, 8])):
-        assert trim_padding(b)["input_ids"].shape[1] == 8
-    assert trim_padding({"pixel_values": torch.zeros(2, 3, 2, 2)}).keys() == {"pixel_values"}
+        assert trim(b)[0].shape[1] == 8
 
 
 def test_all_empty_captions_keep_one_column():
-    assert trim_padding(batch([0, 0]))["input_ids"].shape == (2, 1)
+    assert trim(batch([0, 0]))[0].shape == (2, 1)
 
 
 def test_chunks_group_captions_of_similar_length_and_cover_every_row_once():
@@ -49,11 +53,10 @@ def test_chunks_group_captions_of_similar_length_and_cover_every_row_once():
     assert [r.tolist() for r in rows] == [[1, 3], [5, 7], [6, 4], [2, 0]]
     assert sorted(torch.cat(rows).tolist()) == list(range(8))
     chunks = make_chunks(b, 2, rows)
-    assert [c["input_ids"].shape[1] for c in chunks] == [8, 6, 4, 2]
+    assert [trim(c)[0].shape[1] for c in chunks] == [8, 6, 4, 2]  # what the text tower will encode
     for idx, chunk in zip(rows, chunks):  # every input follows the same rows
         assert torch.equal(chunk["pixel_values"][:, 0, 0, 0], idx.float())
-        width = chunk["input_ids"].shape[1]
-        assert torch.equal(chunk["input_ids"], b["input_ids"][idx, :width])
+        assert torch.equal(chunk["input_ids"], b["input_ids"][idx])
 
 
 def test_equal_lengths_or_grouping_off_keep_contiguous_chunks():
@@ -62,11 +65,11 @@ def test_equal_lengths_or_grouping_off_keep_contiguous_chunks():
     varied = batch([1, 8, 2, 7])
     assert chunk_rows(varied, 2, group_by_length=False) is None
     chunks = make_chunks(varied, 2, None)
-    assert [c["input_ids"].shape[1] for c in chunks] == [8, 7]  # each contiguous chunk still cut
+    assert [trim(c)[0].shape[1] for c in chunks] == [8, 7]  # each contiguous chunk still cut
     assert torch.equal(chunks[1]["pixel_values"], varied["pixel_values"][2:4])
 
 
-def test_grouped_chunks_give_the_same_embeddings_as_the_whole_padded_batch():
+def test_grouped_chunks_and_cut_padding_give_the_same_embeddings_as_the_whole_padded_batch():
     from mmscale.config import load_config
     from mmscale.models import build_dual_encoder
 
@@ -83,6 +86,10 @@ def test_grouped_chunks_give_the_same_embeddings_as_the_whole_padded_batch():
         model.pooling = pooling
         with torch.no_grad():
             whole = model(**inputs)
+            # The tower on the full padded width, no cut: the reference the cut must equal.
+            hidden = model.text(input_ids=inputs["input_ids"], attention_mask=mask).last_hidden_state
+            uncut = torch.nn.functional.normalize(model.text_proj(pool_tokens(hidden, mask, pooling)), dim=-1)
+            assert torch.allclose(whole["text_emb"], uncut, atol=1e-6), pooling
             rows = chunk_rows(inputs, 4, group_by_length=True)
             outs = [model(**c) for c in make_chunks(inputs, 4, rows)]
         inverse = torch.argsort(torch.cat(rows))

@@ -14,6 +14,7 @@ from mmscale.models.towers import (
     build_vision_tower,
     pool_tokens,
     text_width,
+    trim_right_padding,
     vision_width,
 )
 
@@ -70,6 +71,7 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text embeddings [B, embed_dim], pooled over the real (attention_mask) tokens."""
+        input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
             hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             pooled = pool_tokens(hidden, attention_mask, self.pooling)

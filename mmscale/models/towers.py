@@ -105,6 +105,22 @@ def text_width(tower: nn.Module) -> int:
     return int(tower.config.hidden_size)
 
 
+def trim_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the columns after the last real token of the longest caption (exact: pads are masked out).
+
+    The loader pads every caption to `max_length`; this keeps the tower from encoding that. Only
+    trailing columns go: with left padding the last column is real and nothing is cut, so position
+    ids never shift.
+    """
+    if attention_mask.shape[1] == 0:
+        return input_ids, attention_mask
+    real_columns = attention_mask.bool().any(0).nonzero()
+    keep = int(real_columns.max()) + 1 if len(real_columns) else 1
+    if keep == attention_mask.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :keep], attention_mask[:, :keep]
+
+
 def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pool token states [B, L, D] to [B, D]: first token, masked mean, or last real token (right padding)."""
     if pooling == "cls":

@@ -15,9 +15,9 @@ restores each chunk's RNG state so dropout draws the same masks as in pass 1 —
 then the exact gradient of the loss that pass 1 computed.
 
 Which samples share a chunk does not matter to that sum, so with `group_by_length` the chunks are
-formed from captions of similar length, and each chunk's text is cut to its longest caption: the
-padding the loader adds (to `model.text.max_length`) is never encoded. The loss still sees the
-batch in its original order.
+formed from captions of similar length; the dual encoder cuts each chunk's text to its longest
+caption, so the padding the loader adds (to `model.text.max_length`) is never encoded. The loss
+still sees the batch in its original order.
 """
 
 from __future__ import annotations
@@ -48,22 +48,6 @@ def split_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[
     return [{k: v[start:start + chunk_size] for k, v in inputs.items()} for start in range(0, n, chunk_size)]
 
 
-def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut the text columns after the last real token of the longest caption (exact: pads are masked out).
-
-    Only trailing columns go: with left padding the last column is real and nothing is cut, so
-    position ids never shift.
-    """
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.shape[1] == 0:
-        return inputs
-    real_columns = mask.bool().any(0).nonzero()
-    keep = int(real_columns.max()) + 1 if len(real_columns) else 1
-    if keep == mask.shape[1]:
-        return inputs
-    return {**inputs, "input_ids": inputs["input_ids"][:, :keep], "attention_mask": mask[:, :keep]}
-
-
 def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length: bool) -> list[torch.Tensor] | None:
     """The rows of each chunk, longest captions first, or None for contiguous chunks in batch order.
 
@@ -81,10 +65,10 @@ def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length
 
 
 def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[torch.Tensor] | None) -> list[dict]:
-    """The chunks' inputs (rows picked as `chunk_rows` says), each with its text padding cut."""
+    """The chunks' inputs, rows picked as `chunk_rows` says (the text tower cuts each chunk's padding)."""
     if rows is None:
-        return [trim_padding(chunk) for chunk in split_chunks(inputs, chunk_size)]
-    return [trim_padding({k: v.index_select(0, idx.to(v.device)) for k, v in inputs.items()}) for idx in rows]
+        return split_chunks(inputs, chunk_size)
+    return [{k: v.index_select(0, idx.to(v.device)) for k, v in inputs.items()} for idx in rows]
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -224,7 +208,7 @@ def gradcache_step(
 
 def plain_step(engine, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, Any]:
     """One ordinary forward/backward over the whole per-rank batch (gradient cache off)."""
-    out = engine(**trim_padding(model_inputs(batch, engine.device)))
+    out = engine(**model_inputs(batch, engine.device))
     loss, components = loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
     if not all_ranks_finite(loss):
         return _result(loss, components, False, 1)
