@@ -281,9 +281,12 @@ def interleaved(steps: dict, repeats: int) -> tuple[dict, dict]:
     """Run the steps in turn, `repeats` rounds; return each one's fastest run and every run's CPU seconds."""
     best: dict = {}
     runs: dict = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            r = step()
+    names = list(steps)
+    for round_ in range(repeats):
+        # Every other round backwards, so that a load rising or falling over a round does not
+        # always land on the same step.
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            r = steps[name]()
             runs[name].append(r["cpu_seconds"])
             if name not in best or r["cpu_seconds"] < best[name]["cpu_seconds"]:
                 best[name] = r
@@ -390,12 +393,13 @@ def main() -> None:
     speed_batch = make_batch(args.speed_batch, seed=2)
     full_batch = make_batch(args.speed_batch, seed=2, full_length=True)
     speed_steps = {
+        # Steps that a ratio compares run next to each other.
+        "open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, speed_batch),
         "mmscale_plain": lambda: mmscale_step(engine, loss_fn, speed_batch, None),
         "mmscale_cached": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk),
         "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, False),
-        "open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, speed_batch),
-        "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, None),
         "full_mmscale_cached": lambda: mmscale_step(engine, loss_fn, full_batch, args.chunk),
+        "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, None),
         "full_open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, full_batch),
     }
     speed, speed_runs = interleaved(speed_steps, args.repeats)
