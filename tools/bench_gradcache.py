@@ -327,7 +327,9 @@ def main() -> None:
     parser.add_argument("--skip_memory", action="store_true", help="only the speed and accumulation sections")
     parser.add_argument("--zero_stage", type=int, default=2, help="ZeRO stage of mmscale's engine in the speed sections")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed steps")
-    parser.add_argument("--accum_repeats", type=int, default=1, help="interleaved repeats of the batch-1024 steps")
+    parser.add_argument("--accum_repeats", type=int, default=1,
+                        help="interleaved repeats of the batch-1024 steps (0 skips that section)")
+    parser.add_argument("--speed_steps", default="", help="comma-separated subset of the batch-256 steps (default all)")
     parser.add_argument("--accum_batch", type=int, default=None, help="default 1024 (256 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradcache.json"))
     parser.add_argument("--_memory_child", nargs=4, metavar=("BATCH", "MODE", "CHUNK", "PORT"), help=argparse.SUPPRESS)
@@ -402,14 +404,20 @@ def main() -> None:
         "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, None),
         "full_open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, full_batch),
     }
+    if args.speed_steps:
+        unknown = set(args.speed_steps.split(",")) - set(speed_steps)
+        if unknown:
+            parser.error(f"--speed_steps: unknown {sorted(unknown)}; choose from {list(speed_steps)}")
+        speed_steps = {k: v for k, v in speed_steps.items() if k in args.speed_steps.split(",")}
     speed, speed_runs = interleaved(speed_steps, args.repeats)
     print("  speed done", flush=True)
     accum_input = make_batch(accum_batch, seed=3)
-    accum, accum_runs = interleaved({
+    accum_steps = {
         "mmscale_cached": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk),
         "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk, False),
         "open_clip_accum": lambda: open_clip_step(oc_model, oc_opt, accum_input, accum_freq=accum_batch // args.chunk),
-    }, args.accum_repeats)
+    }
+    accum, accum_runs = interleaved(accum_steps if args.accum_repeats else {}, args.accum_repeats)
     report["matmul_peak_gflops"] = peak = max(peak, matmul_peak_gflops(args.threads))  # the best seen, start or end
     for r, n in [*((r, args.speed_batch) for r in speed.values()), *((r, accum_batch) for r in accum.values())]:
         r["batch"] = n
@@ -439,6 +447,7 @@ def main() -> None:
         ("mmscale_cached_ungrouped_over_open_clip_accum_samples_per_s", accum_runs, "open_clip_accum",
          "mmscale_cached_ungrouped"),
     ]
+    ratio_specs = [spec for spec in ratio_specs if spec[2] in spec[1] and spec[3] in spec[1]]  # steps that ran
     ratios = {name: paired_ratio(runs, a, b) for name, runs, a, b in ratio_specs}
     fastest_ratios = {name: min(runs[a]) / min(runs[b]) for name, runs, a, b in ratio_specs}
     report["speed_runs_cpu_seconds"], report["accum_runs_cpu_seconds"] = speed_runs, accum_runs
