@@ -42,12 +42,6 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str,
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
-def split_chunks(inputs: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split every input along the batch dim into chunks of `chunk_size` (the last may be smaller)."""
-    n = next(iter(inputs.values())).shape[0]
-    return [{k: v[start:start + chunk_size] for k, v in inputs.items()} for start in range(0, n, chunk_size)]
-
-
 def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length: bool) -> list[torch.Tensor] | None:
     """The rows of each chunk, longest captions first, or None for contiguous chunks in batch order.
 
@@ -64,11 +58,17 @@ def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length
     return list(order.split(chunk_size))
 
 
-def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[torch.Tensor] | None) -> list[dict]:
-    """The chunks' inputs, rows picked as `chunk_rows` says (the text tower cuts each chunk's padding)."""
+def per_chunk(t: torch.Tensor, chunk_size: int, rows: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """`t` cut along the batch dim into the chunks: the rows `chunk_rows` picked, or contiguous views."""
     if rows is None:
-        return split_chunks(inputs, chunk_size)
-    return [{k: v.index_select(0, idx.to(v.device)) for k, v in inputs.items()} for idx in rows]
+        return list(t.split(chunk_size))
+    return [t.index_select(0, idx.to(t.device)) for idx in rows]
+
+
+def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[torch.Tensor] | None) -> list[dict]:
+    """The chunks' inputs, every input cut by `per_chunk` (the text tower cuts each chunk's padding)."""
+    parts = {k: per_chunk(v, chunk_size, rows) for k, v in inputs.items()}
+    return [dict(zip(parts, chunk)) for chunk in zip(*parts.values())]
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -175,11 +175,7 @@ def gradcache_step(
         return _result(loss, components, False, len(chunks))
     leaves = [image_emb, text_emb, scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    if rows is None:
-        image_grad, text_grad = grads[0].split(chunk_size), grads[1].split(chunk_size)
-    else:
-        image_grad = [grads[0][idx.to(grads[0].device)] for idx in rows]
-        text_grad = [grads[1][idx.to(grads[1].device)] for idx in rows]
+    image_grad, text_grad = per_chunk(grads[0], chunk_size, rows), per_chunk(grads[1], chunk_size, rows)
     scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
 
     # Pass 2: push the cached gradients through each chunk's graph: the kept one first, then the
