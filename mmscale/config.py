@@ -110,7 +110,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0  # seeds model init, data order, augmentation and dropout
     gradcache: bool = True  # False: one plain forward/backward over the per-rank batch
-    group_by_length: bool = True  # gradient cache: chunks of similar caption length, each cut to its longest caption (exact; less text-tower work)
+    group_by_length: bool = True  # chunks (plain step: forward groups of chunk_size) of similar caption length, each cut to its longest caption (exact; less text-tower work)
     ds_config: str = ""  # optional DeepSpeed JSON template; mmscale fills batch fields itself
     log_every: int = 10  # steps between metrics.jsonl/TensorBoard records
     save_every: int = 500  # steps between checkpoints (0: only at the end)

@@ -7,9 +7,11 @@ Sections (a table each, all figures also written to --out as JSON):
             step; every configuration runs in a fresh subprocess so peaks do not mix. Tiny towers
             (launch/configs/tiny.yaml) keep the 4096 plain step affordable on a CPU.
   speed     the comparison architecture (timm vit_tiny_patch16_224 at 64 px + MiniLM-L6 text at 32
-            tokens, embed 256) at batch 256: mmscale plain step, mmscale cached step (with and without
+            tokens, embed 256) at batch 256: mmscale plain and cached steps (with and without
             length-grouped chunks), open_clip's plain step; once with captions of 8-32 tokens padded
-            to 32, once with every caption 32 tokens long (full_*: no padding to skip).
+            to 32, once with every caption 32 tokens long (full_*: no padding to skip). At full
+            length also open_clip's `accum_freq` step (micro-batch = chunk) and the cached step's
+            pass 1 alone, which gives the floor of the cached/plain ratio: 1 + (n-1)/n x encode/plain.
   accum     mmscale cached step vs open_clip's `accum_freq` (its training loop's algorithm, re-run
             here on the same model) at batch 1024, micro-batch 32; each one's logit-scale gradient
             compared with the exact full-batch gradient computed from the same embeddings.
@@ -219,11 +221,15 @@ def exact_scale_grad(image_emb, text_emb, log_scale: float, max_log_scale: float
 # --------------------------------------------------------------------------- steps under test
 
 
-def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None, group_by_length: bool = True) -> dict:
-    """One mmscale step (cached when `chunk` is set), optimizer included; returns time and the scale gradient."""
+def mmscale_step(engine, loss_fn, batch: dict, chunk: int, cached: bool, group_by_length: bool = True) -> dict:
+    """One mmscale step (gradient-cached or plain), optimizer included; returns time and the scale gradient.
+
+    `group_by_length` groups captions of similar length into the chunks (the plain step: into its
+    forward groups of `chunk`), so the text tower skips the padding.
+    """
     from deepspeed.utils import safe_get_full_grad
 
-    from mmscale.train.gradcache import gradcache_step, plain_step
+    from mmscale.train.gradcache import train_step
 
     captured = {}
 
@@ -233,14 +239,24 @@ def mmscale_step(engine, loss_fn, batch: dict, chunk: int | None, group_by_lengt
 
     log_scale = engine.module.logit_scale.item()
     t, cpu = time.perf_counter(), time.process_time()
-    if chunk:
-        gradcache_step(engine, batch, recording_loss, chunk, group_by_length)
-    else:
-        plain_step(engine, batch, recording_loss)
+    train_step(engine, batch, recording_loss, chunk, gradcache=cached, group_by_length=group_by_length)
     grad = safe_get_full_grad(engine.module.logit_scale).item()
     engine.step()
     return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "scale_grad": grad,
             "scale_grad_exact": exact_scale_grad(captured["image"], captured["text"], log_scale)}
+
+
+def mmscale_encode(engine, batch: dict, chunk: int) -> dict:
+    """Pass 1 of the cached step alone: every chunk encoded without a graph (what re-encoding costs)."""
+    import torch
+
+    from mmscale.train.gradcache import make_chunks, model_inputs
+
+    t, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for part in make_chunks(model_inputs(batch, engine.device), chunk, None):
+            engine(**part)
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu}
 
 
 def open_clip_step(model, optimizer, batch: dict, accum_freq: int = 1) -> dict:
@@ -382,8 +398,8 @@ def main() -> None:
     fwd = forward_flops_per_sample(engine)
     report["forward_gflop_per_sample"] = fwd / 1e9
     warm = make_batch(32, seed=1)
-    mmscale_step(engine, loss_fn, warm, None)  # first-step allocations and lazy inits
-    mmscale_step(engine, loss_fn, warm, 16)
+    mmscale_step(engine, loss_fn, warm, 16, cached=False)  # first-step allocations and lazy inits
+    mmscale_step(engine, loss_fn, warm, 16, cached=True)
     open_clip_step(oc_model, oc_opt, warm)
 
     # Interleaved rounds: other jobs share these cores, so each step is timed by this process's
@@ -394,15 +410,19 @@ def main() -> None:
     # where nothing can be skipped and the ratio is the pure cost of re-encoding.
     speed_batch = make_batch(args.speed_batch, seed=2)
     full_batch = make_batch(args.speed_batch, seed=2, full_length=True)
+    n_chunks = args.speed_batch // args.chunk
     speed_steps = {
         # Steps that a ratio compares run next to each other.
         "open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, speed_batch),
-        "mmscale_plain": lambda: mmscale_step(engine, loss_fn, speed_batch, None),
-        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk),
-        "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, False),
-        "full_mmscale_cached": lambda: mmscale_step(engine, loss_fn, full_batch, args.chunk),
-        "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, None),
+        "mmscale_plain": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, cached=False),
+        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, cached=True),
+        "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, True, False),
+        "mmscale_plain_ungrouped": lambda: mmscale_step(engine, loss_fn, speed_batch, args.chunk, False, False),
+        "full_open_clip_accum": lambda: open_clip_step(oc_model, oc_opt, full_batch, accum_freq=n_chunks),
         "full_open_clip_plain": lambda: open_clip_step(oc_model, oc_opt, full_batch),
+        "full_mmscale_plain": lambda: mmscale_step(engine, loss_fn, full_batch, args.chunk, cached=False),
+        "full_mmscale_cached": lambda: mmscale_step(engine, loss_fn, full_batch, args.chunk, cached=True),
+        "full_mmscale_encode": lambda: mmscale_encode(engine, full_batch, args.chunk),
     }
     if args.speed_steps:
         unknown = set(args.speed_steps.split(",")) - set(speed_steps)
@@ -413,8 +433,8 @@ def main() -> None:
     print("  speed done", flush=True)
     accum_input = make_batch(accum_batch, seed=3)
     accum_steps = {
-        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk),
-        "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk, False),
+        "mmscale_cached": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk, cached=True),
+        "mmscale_cached_ungrouped": lambda: mmscale_step(engine, loss_fn, accum_input, args.chunk, True, False),
         "open_clip_accum": lambda: open_clip_step(oc_model, oc_opt, accum_input, accum_freq=accum_batch // args.chunk),
     }
     accum, accum_runs = interleaved(accum_steps if args.accum_repeats else {}, args.accum_repeats)
@@ -424,13 +444,14 @@ def main() -> None:
         r["samples_per_s"] = n / r["cpu_seconds"]
         r["useful_gflops"] = 3 * fwd * n / r["cpu_seconds"] / 1e9
         r["share_of_matmul_peak"] = r["useful_gflops"] / peak
-        r["scale_grad_rel_error"] = abs(r["scale_grad"] - r["scale_grad_exact"]) / abs(r["scale_grad_exact"])
+        if "scale_grad" in r:  # (the encode-only pass computes no gradient)
+            r["scale_grad_rel_error"] = abs(r["scale_grad"] - r["scale_grad_exact"]) / abs(r["scale_grad_exact"])
     report["speed"], report["accum"] = speed, accum
     table(f"step at batch {args.speed_batch} (vit_tiny@{IMAGE_SIZE}px + MiniLM-L6@{TEXT_LEN} tok, embed {EMBED_DIM}; "
           f"captions of 8-{TEXT_LEN} tokens, full_*: all {TEXT_LEN})",
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
           [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
-            r["scale_grad_rel_error"]] for k, r in speed.items()])
+            r.get("scale_grad_rel_error", "")] for k, r in speed.items()])
     table(f"batch {accum_batch}, micro-batch {args.chunk}",
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
           [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
@@ -438,9 +459,13 @@ def main() -> None:
     # (name, runs, numerator, denominator): a time ratio, or its inverse for samples/s "vs" ratios.
     ratio_specs = [
         ("cached_over_plain_time", speed_runs, "mmscale_cached", "mmscale_plain"),
-        ("cached_ungrouped_over_plain_time", speed_runs, "mmscale_cached_ungrouped", "mmscale_plain"),
+        ("cached_ungrouped_over_plain_ungrouped_time", speed_runs, "mmscale_cached_ungrouped",
+         "mmscale_plain_ungrouped"),
         ("full_length_cached_over_plain_time", speed_runs, "full_mmscale_cached", "full_mmscale_plain"),
+        ("full_length_open_clip_accum_over_plain_time", speed_runs, "full_open_clip_accum", "full_open_clip_plain"),
         ("mmscale_over_open_clip_plain_samples_per_s", speed_runs, "open_clip_plain", "mmscale_plain"),
+        ("mmscale_ungrouped_over_open_clip_plain_samples_per_s", speed_runs, "open_clip_plain",
+         "mmscale_plain_ungrouped"),
         ("full_length_mmscale_over_open_clip_plain_samples_per_s", speed_runs, "full_open_clip_plain",
          "full_mmscale_plain"),
         ("mmscale_cached_over_open_clip_accum_samples_per_s", accum_runs, "open_clip_accum", "mmscale_cached"),
@@ -450,6 +475,12 @@ def main() -> None:
     ratio_specs = [spec for spec in ratio_specs if spec[2] in spec[1] and spec[3] in spec[1]]  # steps that ran
     ratios = {name: paired_ratio(runs, a, b) for name, runs, a, b in ratio_specs}
     fastest_ratios = {name: min(runs[a]) / min(runs[b]) for name, runs, a, b in ratio_specs}
+    if "full_mmscale_encode" in speed_runs and "full_mmscale_plain" in speed_runs:
+        # The least a cached step can cost at full length: the plain step plus re-encoding n-1 of
+        # its n chunks without a graph (the last chunk's graph is kept from pass 1).
+        name, share = "full_length_cached_floor_time", (n_chunks - 1) / n_chunks
+        ratios[name] = 1 + share * paired_ratio(speed_runs, "full_mmscale_encode", "full_mmscale_plain")
+        fastest_ratios[name] = 1 + share * min(speed_runs["full_mmscale_encode"]) / min(speed_runs["full_mmscale_plain"])
     report["speed_runs_cpu_seconds"], report["accum_runs_cpu_seconds"] = speed_runs, accum_runs
     report["fastest_run_ratios"] = fastest_ratios
     report["ratios"] = ratios

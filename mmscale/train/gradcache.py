@@ -202,21 +202,43 @@ def gradcache_step(
     return _result(loss, components, True, len(chunks))
 
 
-def plain_step(engine, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, Any]:
-    """One ordinary forward/backward over the whole per-rank batch (gradient cache off)."""
-    out = engine(**model_inputs(batch, engine.device))
-    loss, components = loss_fn(out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"])
+def plain_step(
+    engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int | None = None, group_by_length: bool = False
+) -> dict[str, Any]:
+    """One ordinary forward/backward over the whole per-rank batch (gradient cache off).
+
+    With `group_by_length` (and `chunk_size`), the batch is encoded in groups of `chunk_size`
+    captions of similar length, all with their graphs, so the text tower skips the padding as in
+    the cached step; the loss and the single backward still see the whole batch in its order.
+    """
+    inputs = model_inputs(batch, engine.device)
+    rows = chunk_rows(inputs, chunk_size, group_by_length) if chunk_size else None
+    groups = 1 if rows is None else len(rows)
+    if rows is None:
+        out = engine(**inputs)
+        image_emb, text_emb = out["image_emb"], out["text_emb"]
+    else:
+        outs = [engine(**chunk) for chunk in make_chunks(inputs, chunk_size, rows)]
+        out = outs[-1]  # the logit scale/bias are the same in every group's output
+        inverse = torch.argsort(torch.cat(rows)).to(out["image_emb"].device)
+        image_emb = torch.cat([o["image_emb"] for o in outs])[inverse]
+        text_emb = torch.cat([o["text_emb"] for o in outs])[inverse]
+    loss, components = loss_fn(image_emb, text_emb, out["logit_scale"], out["logit_bias"])
     if not all_ranks_finite(loss):
-        return _result(loss, components, False, 1)
+        return _result(loss, components, False, groups)
     engine.backward(loss)
-    return _result(loss, components, True, 1)
+    return _result(loss, components, True, groups)
 
 
 def train_step(
     engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, gradcache: bool = True,
     group_by_length: bool = True,
 ) -> dict:
-    """`gradcache_step` or `plain_step` as `train.gradcache` says (no optimizer step)."""
+    """`gradcache_step` or `plain_step` as `train.gradcache` says (no optimizer step).
+
+    `group_by_length` applies to both: captions of similar length share a chunk (or, in the plain
+    step, a forward group of `chunk_size`), so the text tower skips the loader's padding.
+    """
     if gradcache:
         return gradcache_step(engine, batch, loss_fn, chunk_size, group_by_length)
-    return plain_step(engine, batch, loss_fn)
+    return plain_step(engine, batch, loss_fn, chunk_size, group_by_length)
