@@ -57,6 +57,11 @@ CASES: dict[str, tuple[list[str], bool]] = {
     # similar caption length) as separate forwards before one backward, under ZeRO-3 as well.
     "zero2_plain": (["train.zero_stage=2", "train.gradcache=false", *NO_DROPOUT], False),
     "zero3_plain": (["train.zero_stage=3", "train.gradcache=false", *NO_DROPOUT], False),
+    # LiT: a locked tower runs once per chunk (pass 2 reuses its pass-1 output), and the
+    # gradient of everything else is unchanged, dropout masks of the other tower included.
+    "zero2_lit_vision": (["train.zero_stage=2", "model.vision.locked=true", *NO_DROPOUT], False),
+    "zero3_lit_text": (["train.zero_stage=3", "model.text.locked=true", *NO_DROPOUT], False),
+    "zero2_lit_vision_dropout": (["train.zero_stage=2", "model.vision.locked=true", *DROPOUT], True),
     # A step whose loss is NaN on one rank is refused on both and leaves no gradient behind.
     "zero2_after_nan_step": (["train.zero_stage=2", *NO_DROPOUT], False),
 }
@@ -142,12 +147,20 @@ def reference_step(name: str) -> dict:
     scale, bias = model.scale_and_bias()
     loss = dense_loss(cfg, img, txt, scale, bias)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    params = {n: (p - LR * p.grad).detach() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: (p - LR * p.grad if p.requires_grad else p).detach() for n, p in model.named_parameters()}
     return {"loss": loss.item(), "grads": grads, "params": params}
 
 
 # --------------------------------------------------------------------------- the ranks
+
+
+def count_forwards(module: torch.nn.Module, counts: dict[str, int], key: str) -> None:
+    """Add 1 to counts[key] on every forward of `module`."""
+    def hook(*_):
+        counts[key] += 1
+
+    module.register_forward_hook(hook)
 
 
 def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
@@ -180,18 +193,22 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
             if rank == 1:
                 poisoned["pixel_values"][0] = float("nan")
             nan_result = train_step(engine, poisoned, loss_fn, CHUNK, cfg.train.gradcache)
+        tower_calls = {"visual": 0, "text": 0}
+        for tower in tower_calls:
+            count_forwards(getattr(engine.module, tower), tower_calls, tower)
         torch.manual_seed(rank_seed(rank))
         result = train_step(engine, batch, loss_fn, CHUNK, cfg.train.gradcache)
         loss = torch.tensor(result["loss"])
         dist.all_reduce(loss)
         # Collective on every rank, same order: ZeRO partitions are gathered into full gradients.
-        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()}
+        grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()
+                 if p.requires_grad}
         engine.step()
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss.item() / WORLD, "grads": grads, "params": params, "result": result,
-                        "nan_result": nan_result},
+                        "nan_result": nan_result, "tower_calls": tower_calls},
                        Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
 
@@ -210,7 +227,14 @@ def rank_results():
 def test_gradcache_matches_full_batch_step(rank_results, name):
     got, ref = rank_results[name], reference_step(name)
     assert got["result"]["finite"]
-    assert got["result"]["chunks"] == PER_RANK // CHUNK  # captions of 4-16 tokens: the plain step groups too
+    chunks = PER_RANK // CHUNK
+    assert got["result"]["chunks"] == chunks  # captions of 4-16 tokens: the plain step groups too
+    # Forwards per tower: the plain step one per group; the cached step re-runs all chunks but the
+    # kept last one, except in a locked tower, whose pass-1 output pass 2 reuses.
+    cfg = case_config(name)
+    for tower, locked in (("visual", cfg.model.vision.locked), ("text", cfg.model.text.locked)):
+        expected = chunks if locked or not cfg.train.gradcache else 2 * chunks - 1
+        assert got["tower_calls"][tower] == expected, (tower, got["tower_calls"])
     if got["nan_result"] is not None:  # rank 0's own rows were finite, yet it refused the step too
         assert got["nan_result"]["finite"] is False
     assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)

