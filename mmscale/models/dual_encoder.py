@@ -84,6 +84,7 @@ class DualEncoder(nn.Module):
 
     @staticmethod
     def project(proj: nn.Linear, features: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """A tower's pooled features through its projection into the shared space, L2-normalised if asked."""
         emb = proj(features.to(proj.weight.dtype))
         return F.normalize(emb, dim=-1) if normalize else emb
 

@@ -74,6 +74,14 @@ def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[tor
     return [dict(zip(parts, chunk)) for chunk in zip(*parts.values())]
 
 
+def in_batch_order(rows: list[torch.Tensor] | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Tensors whose rows follow the chunks (concatenated in chunk order), put back in batch order."""
+    if rows is None:
+        return tensors
+    inverse = torch.argsort(torch.cat(rows)).to(tensors[0].device)
+    return tuple(t[inverse] for t in tensors)
+
+
 def with_locked_features(chunk: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A chunk's pass-2 inputs: each locked tower's pass-1 output in place of that tower's raw inputs.
 
@@ -180,10 +188,8 @@ def gradcache_step(
 
     # Loss on the global batch; backward to the cached leaves only (the gather's backward is an
     # all-reduce, so this too runs on every rank).
-    image_emb, text_emb = torch.cat(image_parts).float(), torch.cat(text_parts).float()
-    if rows is not None:  # back to batch order: the loss pairs row i with row i
-        inverse = torch.argsort(torch.cat(rows)).to(image_emb.device)
-        image_emb, text_emb = image_emb[inverse], text_emb[inverse]
+    # Back to batch order: the loss pairs row i with row i.
+    image_emb, text_emb = in_batch_order(rows, torch.cat(image_parts).float(), torch.cat(text_parts).float())
     image_emb.requires_grad_(True)
     text_emb.requires_grad_(True)
     scale = out["logit_scale"].detach().float().requires_grad_(True)
@@ -239,9 +245,9 @@ def plain_step(
     else:
         outs = [engine(**chunk) for chunk in make_chunks(inputs, chunk_size, rows)]
         out = outs[-1]  # the logit scale/bias are the same in every group's output
-        inverse = torch.argsort(torch.cat(rows)).to(out["image_emb"].device)
-        image_emb = torch.cat([o["image_emb"] for o in outs])[inverse]
-        text_emb = torch.cat([o["text_emb"] for o in outs])[inverse]
+        image_emb, text_emb = in_batch_order(
+            rows, torch.cat([o["image_emb"] for o in outs]), torch.cat([o["text_emb"] for o in outs])
+        )
     loss, components = loss_fn(image_emb, text_emb, out["logit_scale"], out["logit_bias"])
     if not all_ranks_finite(loss):
         return _result(loss, components, False, groups)
