@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmscale.train.distributed import free_port
+from mmscale.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "launch" / "configs" / "demo.yaml"

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from mmscale import distributed
 from mmscale.config import DataConfig, EvalConfig
-from mmscale.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def positive_ranks(
     for start in range(0, queries.shape[0], block_size):
         q = queries[start : start + block_size].float()
         scores = q @ candidates.float().T  # [b, N]
-        correct = query_groups[start : start + block_size, None] == candidate_groups[None, :]
+        correct = (query_groups[start : start + block_size, None] == candidate_groups[None, :]).to(scores.device)
         best = scores.masked_fill(~correct, float("-inf")).max(dim=1).values
         out.append(1 + ((scores > best[:, None]) & ~correct).sum(dim=1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
@@ -155,14 +155,15 @@ def encode_batches(
         if batch is None:
             continue
         dummy = {k: v[:1] for k, v in inputs.items()}
-        images.append(out["image_emb"].float().cpu())
-        texts_emb.append(out["text_emb"].float().cpu())
+        # Kept on the device: the metrics gather them there (NCCL takes CUDA tensors only).
+        images.append(out["image_emb"].float())
+        texts_emb.append(out["text_emb"].float())
         keys.extend(batch["key"])
         texts.extend(batch["text"])
     dim = _embed_dim(model)
     return (
-        torch.cat(images) if images else torch.empty(0, dim),
-        torch.cat(texts_emb) if texts_emb else torch.empty(0, dim),
+        torch.cat(images) if images else torch.empty(0, dim, device=device),
+        torch.cat(texts_emb) if texts_emb else torch.empty(0, dim, device=device),
         keys,
         texts,
     )
@@ -236,24 +237,20 @@ def zero_shot_metrics(
     class_emb = []
     for name in classes:
         ids, mask = tokenize(tokenizer, [t.format(name) for t in templates], max_length)
-        emb = model(input_ids=ids.to(device), attention_mask=mask.to(device))["text_emb"].float().cpu()
+        emb = model(input_ids=ids.to(device), attention_mask=mask.to(device))["text_emb"].float()
         class_emb.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
     weights = torch.stack(class_emb)
-    labels = caption_labels(texts, classes)
+    labels = caption_labels(texts, classes).to(image_emb.device)
     keep = labels >= 0
     logits = F.normalize(image_emb.float(), dim=-1)[keep] @ weights.T
     k5 = min(5, len(classes))
-    top = logits.topk(k5, dim=1).indices if logits.numel() else torch.empty(0, k5, dtype=torch.long)
+    top = logits.topk(k5, dim=1).indices if logits.numel() else labels.new_empty(0, k5)
     y = labels[keep]
-    counts = torch.tensor(
-        [float(keep.sum()), float((top[:, :1] == y[:, None]).any(1).sum()), float((top == y[:, None]).any(1).sum())],
-        dtype=torch.float64,
+    counts = distributed.all_reduce_numbers(
+        [float(keep.sum()), float((top[:, :1] == y[:, None]).any(1).sum()), float((top == y[:, None]).any(1).sum())]
     )
-    if distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    n = max(counts[0].item(), 1.0)
-    return {"zeroshot_top1": counts[1].item() / n, f"zeroshot_top{k5}": counts[2].item() / n,
-            "zeroshot_samples": counts[0].item()}
+    n = max(counts[0], 1.0)
+    return {"zeroshot_top1": counts[1] / n, f"zeroshot_top{k5}": counts[2] / n, "zeroshot_samples": counts[0]}
 
 
 # --------------------------------------------------------------------------- the whole evaluation

@@ -67,7 +67,7 @@ def engine_factory():
     deepspeed = pytest.importorskip("deepspeed")
     import deepspeed.comm.comm as ds_comm
 
-    from mmscale.train import distributed
+    from mmscale import distributed
 
     saved_env = dict(os.environ)  # init_distributed fills in RANK, MASTER_PORT, ... for a world of one
     distributed.init_distributed(timeout_s=60)

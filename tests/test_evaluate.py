@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from mmscale.distributed import free_port
 from mmscale.evaluate import (
     caption_labels,
     distributed_retrieval_metrics,
@@ -18,7 +19,6 @@ from mmscale.evaluate import (
     retrieval_metrics,
 )
 from mmscale.retrieval.mining import duplicate_groups
-from mmscale.train.distributed import free_port
 
 
 def test_perfect_and_hand_checked_ranks():

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.config import load_config
+from mmscale.distributed import free_port
 from mmscale.models import build_dual_encoder
-from mmscale.train.distributed import free_port
 from mmscale.train.gradcache import chunk_rows, make_chunks
 
 WORLD, PER_RANK, CHUNK, LR = 2, 8, 4, 0.1

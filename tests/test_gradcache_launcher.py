@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 RUNS = {
@@ -32,10 +34,11 @@ def run_rank(out_path: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from mmscale import distributed
     from mmscale.config import load_config, validate_world
+    from mmscale.distributed import init_distributed
     from mmscale.losses import build_loss
     from mmscale.models import build_dual_encoder
-    from mmscale.train.distributed import init_distributed
     from mmscale.train.engine import build_engine
     from mmscale.train.gradcache import train_step
 
@@ -69,6 +72,9 @@ def run_rank(out_path: str) -> None:
         engine.destroy()
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
+    # Leave together: gloo aborts a rank whose peer exits with the group still up.
+    distributed.barrier()
+    distributed.destroy()
 
 
 @pytest.mark.slow
@@ -79,7 +85,7 @@ def test_two_ranks_train_through_the_deepspeed_launcher(tmp_path):
     out = tmp_path / "losses.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", "29731", __file__, str(out)],
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), __file__, str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

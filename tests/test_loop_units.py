@@ -7,7 +7,7 @@ import signal
 
 import torch
 
-from mmscale.train import distributed
+from mmscale import distributed
 from mmscale.train.preemption import PreemptionHandler
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.distributed import free_port
 from mmscale.monitor import read_metrics
-from mmscale.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from mmscale.config import load_config
+from mmscale.distributed import free_port
 from mmscale.models import build_dual_encoder
-from mmscale.train.distributed import free_port
 
 BATCH, CHUNK, LR = 12, 4, 1e-3
 CASES = {  # name -> overrides

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmscale.distributed import free_port
 from mmscale.retrieval.rerank_eval import evaluate_rerank, format_rerank_table
 
 N = 6
@@ -75,13 +76,13 @@ def _rank_batches(rank: int, world: int, n: int, size: int = 3):
         }
 
 
-def _two_rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     import json
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     # batch_size 4 does not divide the rank slices of the 12-image corpus: the blocks must stop at
     # each rank's boundary or every later image's tokens shift (a bug this test caught).
     results = evaluate_rerank(
@@ -91,6 +92,9 @@ def _two_rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    # gloo aborts a process whose peer tore the group down first ("terminate called without an
+    # active exception"): leave together.
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -105,5 +109,5 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
     )  # fmt: skip
     assert single["reranked"]["recall@1"] == 1.0
     out = tmp_path / "two.json"
-    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     assert json.loads(out.read_text()) == json.loads(json.dumps(single))

@@ -9,8 +9,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmscale.config import LossConfig
+from mmscale.distributed import all_gather_with_grad, world
 from mmscale.losses.clip import clip_loss
-from mmscale.losses.gather import all_gather_with_grad, world
 from mmscale.losses.matryoshka import matryoshka_dims, matryoshka_prefix
 from mmscale.losses.siglip import siglip_loss
 

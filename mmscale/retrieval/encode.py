@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from mmscale import distributed
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +36,6 @@ class EncodedSplit:
         return len(self.keys)
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one (not a collective)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows concatenated in rank order (row counts may differ; a collective)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return t
-    # gloo and nccl need equal shapes: pad to the longest rank, then cut the padding away.
-    n = torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = t.new_zeros((max(sizes), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-def gather_list(items: list) -> list:
-    """Every rank's list concatenated in rank order (a collective)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return list(items)
-    out: list = [None] * world
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
-
-
 @torch.no_grad()
 def encode_split(
     model: nn.Module, batches: Iterable[dict], *, keep_images: bool = False, device: str | torch.device = "cpu"
@@ -79,32 +46,34 @@ def encode_split(
     keys, texts, image_emb, text_emb, images = [], [], [], [], []
     for batch in batches:
         pixels = batch["image"].to(device)
-        image_emb.append(model.encode_image(pixels).float().cpu())
-        text_emb.append(
-            model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-        )
+        # Embeddings stay on the device until gathered: NCCL takes CUDA tensors only.
+        image_emb.append(model.encode_image(pixels).float())
+        text_emb.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
         keys.extend(batch["key"])
         texts.extend(batch["text"])
         if keep_images:
-            images.append(batch["image"].cpu())
+            images.append(batch["image"])
     model.train(was_training)
     dim = _embed_dim(model)
     local_images = torch.cat(images) if images else None
+    empty = torch.empty(0, dim, device=device)
     return EncodedSplit(
-        keys=gather_list(keys),
-        texts=gather_list(texts),
-        image_emb=gather_rows(torch.cat(image_emb) if image_emb else torch.empty(0, dim)),
-        text_emb=gather_rows(torch.cat(text_emb) if text_emb else torch.empty(0, dim)),
-        images=_gather_images(local_images) if keep_images else None,
+        keys=distributed.gather_list(keys),
+        texts=distributed.gather_list(texts),
+        image_emb=distributed.all_gather_padded(torch.cat(image_emb) if image_emb else empty).cpu(),
+        text_emb=distributed.all_gather_padded(torch.cat(text_emb) if text_emb else empty).cpu(),
+        images=_gather_images(local_images, device) if keep_images else None,
     )
 
 
-def _gather_images(local: torch.Tensor | None) -> torch.Tensor:
+def _gather_images(local: torch.Tensor | None, device) -> torch.Tensor:
     # A rank without samples does not know the image shape: agree on it first.
-    shapes = [s for s in gather_list([tuple(local.shape[1:])] if local is not None else []) if s]
+    shapes = [s for s in distributed.gather_list([tuple(local.shape[1:])] if local is not None else []) if s]
     if not shapes:
         return torch.empty(0)
-    return gather_rows(local if local is not None else torch.empty(0, *shapes[0]))
+    dtype = local.dtype if local is not None else torch.float32
+    rows = local.to(device) if local is not None else torch.empty(0, *shapes[0], dtype=dtype, device=device)
+    return distributed.all_gather_padded(rows).cpu()
 
 
 def _embed_dim(model: nn.Module) -> int:

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from mmscale import distributed
 from mmscale.retrieval.search import exact_topk, scores_of
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,6 @@ def group_to_record(group: NegativeGroup, keys: Sequence[str], texts: Sequence[s
 # --------------------------------------------------------------------------- `mmscale mine`
 
 
-def init_process_group() -> tuple[int, int]:
-    """Join the launcher's process group when there is one; (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def mined_dir(cfg) -> Path:
     """Where `mmscale mine` writes, and where `mmscale rerank` reads by default."""
     return Path(cfg.mine.output or Path(cfg.output_dir) / "mined")
@@ -216,8 +206,8 @@ def run_mine(cfg) -> int:
     m = cfg.mine
     if not m.checkpoint:
         raise ValueError("mine.checkpoint: set it to a training checkpoint (or run directory) or an export")
-    rank, world = init_process_group()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    info = distributed.init_distributed(cfg.train.timeout_s)
+    rank, world, device = info.rank, info.world_size, info.device
     start = time.perf_counter()
     model, model_cfg = load_bi_encoder(m.checkpoint)
     model.to(device)
@@ -246,8 +236,7 @@ def run_mine(cfg) -> int:
         write_mined(out, groups, summary, split.keys, split.texts)
         log.info("mined %d negatives for %d queries -> %s", summary["negatives"], summary["queries"], out)
         print(f"mined {summary['negatives']} hard negatives for {summary['queries']} queries -> {out}")
-    if dist.is_initialized():
-        dist.barrier()  # the files exist for every rank once mine returns
+    distributed.barrier()  # the files exist for every rank once mine returns
     return 0
 
 

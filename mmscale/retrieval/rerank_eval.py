@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from mmscale.retrieval.encode import encode_split, gather_list, gather_rows, rank_and_world
+from mmscale import distributed
+from mmscale.retrieval.encode import encode_split
 from mmscale.retrieval.metrics import retrieval_metrics
 from mmscale.retrieval.mining import duplicate_groups
 from mmscale.retrieval.search import exact_topk
@@ -37,7 +38,7 @@ def evaluate_rerank(
     """{"bi_encoder": metrics, "reranked": metrics, "top_k", "queries"}; metrics as recall@k, mrr@10, ndcg@10."""
     from mmscale.data.tokenize import tokenize
 
-    rank, world = rank_and_world()
+    rank, world = distributed.world()
     split = encode_split(bi_encoder, batches, keep_images=True, device=device)
     n = len(split)
     group = duplicate_groups(split.keys, split.texts)
@@ -50,10 +51,11 @@ def evaluate_rerank(
     lo, hi = rank * n // world, (rank + 1) * n // world
     local_tokens = [
         # Stop at `hi`: a block running into the next rank's slice would shift every later row.
-        reranker.encode_image_tokens(split.images[i : min(i + batch_size, hi)].to(device)).cpu()
+        reranker.encode_image_tokens(split.images[i : min(i + batch_size, hi)].to(device))
         for i in range(lo, hi, batch_size)
     ]
-    image_tokens = gather_rows(torch.cat(local_tokens) if local_tokens else _empty_tokens(reranker, split, device))
+    local = torch.cat(local_tokens) if local_tokens else _empty_tokens(reranker, split, device)
+    image_tokens = distributed.all_gather_padded(local).cpu()
 
     mine = list(range(rank, n, world))
     reranked_local = []
@@ -74,7 +76,7 @@ def evaluate_rerank(
         reranked_local.extend((q, head + rest) for q, head, rest in zip(queries, cand.gather(1, order).tolist(), tail))
     reranker.train(was_training)
 
-    reranked = dict(gather_list(reranked_local))
+    reranked = dict(distributed.gather_list(reranked_local))
     reranked_lists = [reranked[q] for q in range(n)]
     return {
         "queries": n,
@@ -87,7 +89,7 @@ def evaluate_rerank(
 
 def _empty_tokens(reranker: nn.Module, split, device) -> torch.Tensor:
     # A rank with no slice still joins the gather: it needs the token shape, so run one image.
-    probe = reranker.encode_image_tokens(split.images[:1].to(device)).cpu()
+    probe = reranker.encode_image_tokens(split.images[:1].to(device))
     return probe[:0]
 
 

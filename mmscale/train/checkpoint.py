@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmscale.train import distributed
+from mmscale import distributed
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,7 @@ def build_engine(
     """
     import deepspeed
 
-    from mmscale.train.distributed import init_distributed
+    from mmscale.distributed import init_distributed
 
     init_distributed(cfg.train.timeout_s)  # a no-op when the caller already joined the group
     optimizer = optimizer if optimizer is not None else build_optimizer(cfg, model)

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from mmscale import distributed
 
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
@@ -114,9 +115,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def all_ranks_finite(loss: torch.Tensor) -> bool:
     """True only if the loss is finite on EVERY rank (a collective, so all ranks take the same branch)."""
     flag = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+    return bool(distributed.all_reduce_tensor(flag, "min").item() > 0)
 
 
 def supports_coalesced_reduction(engine) -> bool:

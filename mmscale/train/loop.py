@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmscale import distributed
 from mmscale.config import Config, dump_yaml, to_dict, validate_world
 from mmscale.monitor import Monitor, ThroughputMeter, peak_memory_mb, truncate_jsonl
-from mmscale.train import distributed
 from mmscale.train.checkpoint import (
     Checkpointer,
     capture_rng_state,
@@ -215,10 +215,7 @@ class Trainer:
         numbers = {k: float(v) for k, v in result.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "chunks"}
         names = sorted(numbers)
-        mean = torch.tensor([numbers[k] for k in names], dtype=torch.float64)
-        if distributed.is_initialized():
-            torch.distributed.all_reduce(mean)
-        metrics = {k: v / self.world_size for k, v in zip(names, mean.tolist())}
+        metrics = dict(zip(names, distributed.all_reduce_numbers([numbers[k] for k in names], "mean")))
         metrics.update(self.meter.stats(global_samples))
         metrics["data_wait_share"] = distributed.all_reduce_max(metrics["data_wait_share"])
         metrics["peak_memory_mb"] = distributed.all_reduce_max(peak_memory_mb())

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from types import FrameType
 
-from mmscale.train import distributed
+from mmscale import distributed
 
 log = logging.getLogger(__name__)
 

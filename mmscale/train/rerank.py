@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from mmscale import distributed
 from mmscale.config import Config, dump_yaml, validate_world
 from mmscale.losses.ranking import rerank_loss
-from mmscale.train import distributed
 
 log = logging.getLogger(__name__)
 
