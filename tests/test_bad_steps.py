@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.distributed import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # A one-process run whose loss turns NaN after two good steps. The poisoning wraps the real
@@ -47,7 +49,7 @@ def demo_shards(tmp_path_factory):
 
 def test_max_bad_steps_stops_with_the_last_good_checkpoint(tmp_path, demo_shards):
     out = tmp_path / "run"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": "29731"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(ROOT / "launch/configs/tiny.yaml"), f"output_dir={out}",
          f"data.train={demo_shards / 'train'}", "data.workers=0", "train.steps=10", "train.log_every=1",

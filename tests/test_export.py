@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmscale.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "launch/configs/tiny.yaml"
 STAGES = (2, 3)
@@ -91,7 +93,7 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ds")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    args = [str(deepspeed), "--num_gpus", str(RANKS), "--master_port", str(29500 + (os.getpid() + 7) % 1000),
+    args = [str(deepspeed), "--num_gpus", str(RANKS), "--master_port", str(free_port()),
             "--no_local_rank", str(Path(__file__).resolve()), str(root)]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -153,7 +155,7 @@ def test_a_real_training_run_exports_and_encodes(tmp_path):
     make_demo_data(tmp_path / "data", train_samples=32, val_samples=8, samples_per_shard=16, seed=0, image_size=32)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    args = [str(deepspeed), "--num_gpus", str(RANKS), "--master_port", str(29500 + (os.getpid() + 11) % 1000),
+    args = [str(deepspeed), "--num_gpus", str(RANKS), "--master_port", str(free_port()),
             "--no_local_rank", "--module", "mmscale", "train", str(TINY), f"output_dir={tmp_path / 'run'}",
             f"data.train={tmp_path / 'data/train'}", "data.val=", "data.workers=1", "train.steps=2",
             "train.zero_stage=3", "train.global_batch_size=8"]  # fmt: skip

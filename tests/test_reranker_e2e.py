@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from mmscale.config import from_dict, to_dict
+from mmscale.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def write_bi_encoder_checkpoint(cfg_dict: dict, out: Path) -> Path:
 def launch(command: str, config: Path, *overrides: str, ranks: int = 2, timeout: int = 400):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    args = [str(deepspeed), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(29500 + os.getpid() % 1000),
+    args = [str(deepspeed), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port()),
             "--module", "mmscale", command, str(config), *overrides]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

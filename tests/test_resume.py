@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.distributed import free_port
 from mmscale.monitor import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def _overrides(data: Path, output: Path, *extra: str) -> list[str]:
 
 
 def _launch(overrides: list[str], ranks: int = 2) -> subprocess.Popen:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            "--no_local_rank", "--module", "mmscale", "train", str(TINY), *overrides]  # fmt: skip
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
