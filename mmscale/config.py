@@ -22,6 +22,45 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds an impossible value."""
 
 
+RESIZE_MODES = ("shortest", "squash")
+POOLINGS = ("cls", "mean", "eos", "last")
+PROJECTIONS = ("linear", "linear_bias", "none")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """How an image becomes model input: the contract shared by training, evaluation, export and inference.
+
+    Evaluation resizes the shorter side to `size / crop_pct` (or squashes to `size` x `size`) with
+    `interpolation`, takes the centred `size` x `size` crop, and normalises `(x / 255 - mean) / std`;
+    training takes a random resized crop with the same interpolation. Plain data (no torch), so it is
+    written to and read from `preprocess.json` as it is.
+    """
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str = "shortest"
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
+        return {"image_size": self.size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize,
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "crop": "center", "rescale": 1 / 255}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImagePreprocess:
+        """Back from `to_json` (older exports without resize/interpolation/crop_pct read as bilinear, 1.0)."""
+        resize = data.get("resize", "shortest")
+        return cls(
+            size=int(data["image_size"]), mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]), resize="shortest" if resize == "shorter_side" else resize,
+            interpolation=data.get("interpolation", "bilinear"), crop_pct=float(data.get("crop_pct", 1.0)),
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -51,10 +90,16 @@ class VisionConfig:
 
     name: str = "vit_tiny_patch16_224"  # any timm model name
     image_size: int = 224  # square input side in pixels
+    resize: str = "shortest"  # evaluation: shortest (shorter side to image_size / crop_pct, then centre crop) | squash (both sides to image_size)
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest (antialiased), for evaluation and training crops
+    crop_pct: float = 1.0  # evaluation: share of the resized shorter side the centre crop keeps (timm's crop_pct)
+    mean: list[float] = field(default_factory=list)  # per-channel mean in [0, 1] units; empty: the tower's timm data config
+    std: list[float] = field(default_factory=list)  # per-channel std; empty: the tower's timm data config
     weights: str = ""  # optional local file of timm weights (no hub at run time)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for tiny towers
     locked: bool = False  # LiT-style: freeze the tower (its projection still trains)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    proj: str = "linear"  # into the shared space: linear | linear_bias | none (the tower's width is embed_dim, e.g. SigLIP)
 
 
 @dataclass
@@ -64,10 +109,12 @@ class TextConfig:
     name_or_path: str = "sentence-transformers/all-MiniLM-L6-v2"  # hub name or local directory
     tokenizer: str = ""  # defaults to name_or_path
     config: dict[str, Any] = field(default_factory=dict)  # inline config: random-init tower
-    pooling: str = "mean"  # cls | mean | eos
+    pooling: str = "mean"  # cls | mean | eos (last real token, CLIP's EOS) | last (final position of the padded sequence, SigLIP)
     max_length: int = 32  # tokens per caption (longer ones are truncated)
     locked: bool = False  # freeze the text tower (its projection still trains)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    proj: str = "linear"  # into the shared space: linear | linear_bias (SigLIP's text head) | none
+    attend_padding: bool = False  # the tower sees the whole max_length sequence, pads included, unmasked (SigLIP is trained so)
 
 
 @dataclass
@@ -400,7 +447,18 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
     _check(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _check(m.vision.image_size >= 8, "model.vision.image_size", f"too small: {m.vision.image_size}")
-    _one_of(m.text.pooling, ("cls", "mean", "eos"), "model.text.pooling")
+    _one_of(m.vision.resize, RESIZE_MODES, "model.vision.resize")
+    _one_of(m.vision.interpolation, INTERPOLATIONS, "model.vision.interpolation")
+    _check(0 < m.vision.crop_pct <= 1, "model.vision.crop_pct", f"must be in (0, 1], got {m.vision.crop_pct}")
+    for name in ("mean", "std"):
+        values = getattr(m.vision, name)
+        _check(len(values) in (0, 3), f"model.vision.{name}", f"needs 3 values (R, G, B) or none, got {values}")
+    _check(all(v > 0 for v in m.vision.std), "model.vision.std", f"must be > 0, got {m.vision.std}")
+    _one_of(m.text.pooling, POOLINGS, "model.text.pooling")
+    _one_of(m.text.proj, PROJECTIONS, "model.text.proj")
+    _one_of(m.vision.proj, PROJECTIONS, "model.vision.proj")
+    _check(m.text.pooling != "last" or m.text.attend_padding, "model.text.pooling",
+           "last pools the final position of the padded sequence: it needs model.text.attend_padding=true")
     _check(m.text.max_length > 0, "model.text.max_length", "must be > 0")
     _check(m.max_logit_scale > 0, "model.max_logit_scale", "must be > 0")
     _check(

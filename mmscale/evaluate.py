@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from mmscale import distributed
-from mmscale.config import DataConfig, EvalConfig
+from mmscale.config import DataConfig, EvalConfig, ImagePreprocess
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ def _dummy_inputs(image_size: int, device: torch.device | str) -> dict[str, torc
 
 
 def _embed_dim(model: nn.Module) -> int:
-    proj = getattr(model, "text_proj", None)
-    return int(proj.out_features) if proj is not None else 0
+    return int(getattr(model, "embed_dim", 0))
 
 
 # --------------------------------------------------------------------------- zero-shot
@@ -261,9 +260,7 @@ def evaluate_model(
     urls: str,
     *,
     tokenizer: Any,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    preprocess: ImagePreprocess,
     max_length: int,
     eval_cfg: EvalConfig,
     data_cfg: DataConfig | None = None,
@@ -279,9 +276,7 @@ def evaluate_model(
         batch_size=eval_cfg.batch_size,
         rank=distributed.get_rank(),
         world_size=distributed.get_world_size(),
-        image_size=image_size,
-        mean=mean,
-        std=std,
+        preprocess=preprocess,
         tokenizer=tokenizer,
         max_length=max_length,
         workers=min(data_cfg.workers, 2),
@@ -292,7 +287,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        image_emb, text_emb, keys, texts = encode_batches(model, loader, device, lockstep_forwards, image_size)
+        image_emb, text_emb, keys, texts = encode_batches(model, loader, device, lockstep_forwards, preprocess.size)
         metrics = distributed_retrieval_metrics(image_emb, text_emb, keys, texts, eval_cfg.ks)
         if eval_cfg.zero_shot_classes:
             classes, templates = load_zero_shot(eval_cfg.zero_shot_classes)
@@ -321,22 +316,19 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     device = info.device if info is not None else torch.device("cpu")
     model, model_cfg = load_bi_encoder(args.model)
     model.to(device)
-    mean, std = model.image_normalization()
     eval_cfg = EvalConfig(batch_size=args.batch_size, zero_shot_classes=args.zero_shot)
     metrics = evaluate_model(
         model,
         args.data,
         tokenizer=load_tokenizer(model_cfg.text),
-        image_size=model_cfg.vision.image_size,
-        mean=mean,
-        std=std,
+        preprocess=model.preprocess,
         max_length=model_cfg.text.max_length,
         eval_cfg=eval_cfg,
         device=device,
     )
     report = {"model": str(args.model), "data": args.data, "metrics": metrics}
     if getattr(args, "reranker", ""):
-        report["rerank"] = _evaluate_reranker(args, model, model_cfg, mean, std, device)
+        report["rerank"] = _evaluate_reranker(args, model, device)
     if distributed.get_rank() == 0:
         text = json.dumps(report, indent=2)
         print(text)
@@ -351,7 +343,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_reranker(args: argparse.Namespace, bi_encoder, model_cfg, mean, std, device) -> dict:
+def _evaluate_reranker(args: argparse.Namespace, bi_encoder, device) -> dict:
     """Bi-encoder alone vs its top-k re-ranked by `args.reranker`, on every rank together."""
     from mmscale.data import build_eval_loader
     from mmscale.models import load_tokenizer
@@ -362,7 +354,7 @@ def _evaluate_reranker(args: argparse.Namespace, bi_encoder, model_cfg, mean, st
     tokenizer = load_tokenizer(rerank_model_cfg.text)
     batches = build_eval_loader(
         args.data, batch_size=args.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
-        image_size=model_cfg.vision.image_size, mean=mean, std=std, tokenizer=tokenizer,
+        preprocess=bi_encoder.preprocess, tokenizer=tokenizer,
         max_length=rerank_model_cfg.text.max_length,
     )  # fmt: skip
     return evaluate_rerank(

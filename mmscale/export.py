@@ -198,26 +198,9 @@ def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec
 # --------------------------------------------------------------------------- writing
 
 
-def preprocess_settings(model: nn.Module, image_size: int) -> dict[str, Any]:
-    """What `mmscale.data.transforms` does at evaluation, as data: the contract of `preprocess.json`."""
-    if hasattr(model, "image_normalization"):
-        mean, std = model.image_normalization()
-    else:
-        # The reranker wraps the same timm trunk; its pretrained config names the normalisation.
-        from timm.data import resolve_data_config
-
-        data_cfg = resolve_data_config({}, model=model.visual)
-        mean, std = data_cfg["mean"], data_cfg["std"]
-    return {
-        "image_size": image_size,
-        "mean": list(mean),
-        "std": list(std),
-        "resize": "shorter_side",  # resize the shorter side to image_size ...
-        "crop": "center",  # ... then take the centred image_size x image_size square
-        "interpolation": "bilinear",
-        "antialias": True,
-        "rescale": 1 / 255,  # uint8 -> [0, 1] before (x - mean) / std
-    }
+def preprocess_settings(model: nn.Module) -> dict[str, Any]:
+    """The model's image preprocessing as data: the contract of `preprocess.json` (see `config.ImagePreprocess`)."""
+    return model.preprocess.to_json()
 
 
 def save_export(
@@ -243,7 +226,7 @@ def save_export(
     config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
     config["model"]["text"]["tokenizer"] = TOKENIZER_DIR  # relative: the directory may be moved
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    preprocess = preprocess_settings(model, spec.model.vision.image_size)
+    preprocess = preprocess_settings(model)
     (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n")
     tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
     if out.exists():

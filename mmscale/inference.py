@@ -18,7 +18,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, preprocess_settings, read_export
+from mmscale.config import ImagePreprocess
+from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, read_export
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
 MAX_PIXELS = 50_000_000  # as data.max_pixels' default: refuse decompression bombs here too
@@ -37,24 +37,14 @@ MAX_PIXELS = 50_000_000  # as data.max_pixels' default: refuse decompression bom
 # --------------------------------------------------------------------------- preprocessing
 
 
-@dataclass
-class Preprocess:
-    """The eval image transform as settings: shorter-side resize to `image_size`, centre crop, normalise."""
+def image_batch(images: Sequence[ImageInput], preprocess: ImagePreprocess) -> torch.Tensor:
+    """uint8 pixels [B, 3, S, S] of PIL images, image paths or uint8 [3, H, W] tensors, by the eval transform.
 
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    The model normalises them on its device (`DualEncoder.pixels`), as in training and evaluation.
+    """
+    from mmscale.data.transforms import eval_transform
 
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> Preprocess:
-        """From `preprocess.json` (or `export.preprocess_settings`)."""
-        return cls(int(settings["image_size"]), tuple(settings["mean"]), tuple(settings["std"]))
-
-    def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Float pixels [B, 3, S, S] for a list of PIL images, image paths or uint8 [3, H, W] tensors."""
-        from mmscale.data.transforms import eval_transform, normalize
-
-        return normalize(torch.stack([eval_transform(to_uint8(im), self.image_size) for im in images]), self.mean, self.std)
+    return torch.stack([eval_transform(to_uint8(im), preprocess) for im in images])
 
 
 def to_uint8(image: ImageInput) -> torch.Tensor:
@@ -93,7 +83,7 @@ def _progress(iterable: Iterable, total: int | None, show: bool, desc: str) -> I
 class _LoadedModel:
     """A trained module in eval mode on a device, with the tokenizer and image preprocessing it was trained with."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: Preprocess, max_length: int, device: str) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ImagePreprocess, max_length: int, device: str) -> None:
         self.model = model.eval().to(device)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
@@ -109,7 +99,7 @@ class EmbeddingModel(_LoadedModel):
     @property
     def embed_dim(self) -> int:
         """Width of the full embedding."""
-        return self.model.text_proj.out_features
+        return self.model.embed_dim
 
     @property
     def logit_scale(self) -> float:
@@ -154,7 +144,7 @@ class EmbeddingModel(_LoadedModel):
         images = [images] if single else list(images)
 
         def encode(batch: Sequence[ImageInput]) -> torch.Tensor:
-            return self.model.encode_image(self.preprocess(batch).to(self.device), normalize=False)
+            return self.model.encode_image(image_batch(batch, self.preprocess).to(self.device), normalize=False)
 
         out = self._encode(images, encode, batch_size, truncate_dim, normalize, show_progress, "images")
         return out[0] if single else out
@@ -224,7 +214,7 @@ class RerankerModel(_LoadedModel):
         with torch.inference_mode():
             text = self.model.encode_text_tokens(ids, mask)  # once per query, not per candidate
             for batch in _batches(list(images), batch_size):
-                image_tokens = self.model.encode_image_tokens(self.preprocess(batch).to(self.device))
+                image_tokens = self.model.encode_image_tokens(image_batch(batch, self.preprocess).to(self.device))
                 b = image_tokens.shape[0]
                 scores.append(self.model.fuse(text.expand(b, -1, -1), mask.expand(b, -1), image_tokens).float().cpu())
         return torch.cat(scores) if scores else torch.empty(0)
@@ -249,14 +239,14 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None)
     from mmscale.models import load_tokenizer
 
     if is_export_dir(path):
-        model, spec, settings, stored = read_export(path)
+        model, spec, _, stored = read_export(path)
     else:
         model, spec, _, _ = load_checkpoint_model(path)
-        settings, stored = preprocess_settings(model, spec.model.vision.image_size), "fp32"
+        stored = "fp32"
     tokenizer = load_tokenizer(spec.model.text)
     model = model.to(DTYPES[dtype or stored])
     cls = RerankerModel if spec.kind == "reranker" else EmbeddingModel
-    return cls(model, tokenizer, Preprocess.from_settings(settings), spec.model.text.max_length, device)
+    return cls(model, tokenizer, model.preprocess, spec.model.text.max_length, device)
 
 
 # --------------------------------------------------------------------------- encoding shard sets
@@ -315,7 +305,7 @@ def encode_shards(
     p = model.preprocess
     # The evaluation pipeline of training itself: same decoding, eval transform and tokenisation.
     loader = build_eval_loader(
-        urls, batch_size=batch_size, rank=0, world_size=1, image_size=p.image_size, mean=p.mean, std=p.std,
+        urls, batch_size=batch_size, rank=0, world_size=1, preprocess=p,
         tokenizer=model.tokenizer, max_length=model.max_length, workers=workers, image_keys=image_keys,
         text_key=text_key,
     )  # fmt: skip

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from mmscale.config import DataConfig
+from mmscale.config import DataConfig, ImagePreprocess
 from mmscale.data import build_eval_loader, build_train_loader
 from mmscale.data import decode as decode_mod
 from tests.test_data_shards import MEAN, STD, all_keys, ids_tokenizer, make_shards
@@ -19,8 +19,8 @@ def loader_for(root, rank=0, world_size=1, seed=0, batch_size=B, **cfg):
     cfg.setdefault("workers", 2)
     cfg.setdefault("shuffle_buffer", 8)
     data = DataConfig(train=str(root), **cfg)
-    return build_train_loader(data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, image_size=8,
-                              mean=MEAN, std=STD, tokenizer=ids_tokenizer, max_length=8)
+    return build_train_loader(data, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, preprocess=ImagePreprocess(8, MEAN, STD),
+                               tokenizer=ids_tokenizer, max_length=8)
 
 
 def epoch_keys(loader) -> list[str]:
@@ -188,7 +188,7 @@ def test_eval_loader_reads_every_sample_once_in_a_fixed_order(tmp_path):
     paths = make_shards(tmp_path, [5, 7, 3, 6, 4])
     seen = []
     for rank in range(2):
-        kwargs = dict(batch_size=4, rank=rank, world_size=2, image_size=8, mean=MEAN, std=STD,
+        kwargs = dict(batch_size=4, rank=rank, world_size=2, preprocess=ImagePreprocess(8, MEAN, STD),
                       tokenizer=ids_tokenizer, max_length=8, workers=2)
         a = [b["key"] for b in build_eval_loader(str(tmp_path), **kwargs)]
         b = [b["key"] for b in build_eval_loader(str(tmp_path), **kwargs)]
@@ -203,8 +203,7 @@ def test_real_fast_tokenizer_pads_and_truncates(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
     make_shards(tmp_path, [4])
-    loader = build_eval_loader(str(tmp_path), batch_size=4, rank=0, world_size=1, image_size=8, mean=MEAN,
-                               std=STD, tokenizer=tokenizer, max_length=6, workers=1)
+    loader = build_eval_loader(str(tmp_path), batch_size=4, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),  tokenizer=tokenizer, max_length=6, workers=1)
     (batch,) = list(loader)
     assert batch["input_ids"].shape == (4, 6) and batch["attention_mask"].shape == (4, 6)
     assert batch["input_ids"][0, 0].item() == tokenizer.cls_token_id

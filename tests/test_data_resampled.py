@@ -6,7 +6,7 @@ from itertools import islice
 
 import pytest
 
-from mmscale.config import DataConfig
+from mmscale.config import DataConfig, ImagePreprocess
 from mmscale.data import build_train_loader
 from tests.test_data_shards import MEAN, STD, ids_tokenizer, make_shards
 
@@ -23,8 +23,8 @@ def two_sources(tmp_path_factory):
 
 def resampled(train, *, weights=(3.0, 1.0), seed=0, rank=0, world_size=2, workers=0):
     cfg = DataConfig(train=train, train_weights=list(weights), mode="resampled", workers=workers, shuffle_buffer=10)
-    return build_train_loader(cfg, batch_size=B, rank=rank, world_size=world_size, seed=seed, image_size=8,
-                              mean=MEAN, std=STD, tokenizer=ids_tokenizer, max_length=8)
+    return build_train_loader(cfg, batch_size=B, rank=rank, world_size=world_size, seed=seed, preprocess=ImagePreprocess(8, MEAN, STD),
+                               tokenizer=ids_tokenizer, max_length=8)
 
 
 def first_keys(loader, n: int) -> list[list[str]]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmscale.config import ImagePreprocess
 from mmscale.data import build_eval_loader, expand_urls, parse_sources, shard_sample_counts
 from mmscale.data import manifest as manifest_mod
 from mmscale.data.shards import read_shard
@@ -173,7 +174,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
     trunc = _truncated_shard(tmp_path / "00001.tar")
     missing = str(tmp_path / "00002.tar")
     loader = build_eval_loader(
-        f"{tmp_path}/{{00000..00002}}.tar", batch_size=4, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+        f"{tmp_path}/{{00000..00002}}.tar", batch_size=4, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
         tokenizer=ids_tokenizer, max_length=8, workers=0, max_pixels=40 * 40, shard_retries=2, shard_retry_delay=0,
     )
     keys = [k for batch in loader for k in batch["key"]]
@@ -187,7 +188,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
 
 def test_pipe_cat_reads_like_a_file(tmp_path):
     make_shards(tmp_path, [3, 2])
-    kwargs = dict(batch_size=2, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+    kwargs = dict(batch_size=2, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
                   tokenizer=ids_tokenizer, max_length=8, workers=0)
     by_file = [b["key"] for b in build_eval_loader(f"{tmp_path}/{{00000..00001}}.tar", **kwargs)]
     by_pipe = [b["key"] for b in build_eval_loader(f"pipe:cat {tmp_path}/{{00000..00001}}.tar", **kwargs)]
@@ -214,7 +215,7 @@ def test_img2dataset_layout(tmp_path, monkeypatch):
     assert [os.path.basename(u) for u in urls] == ["00000.tar", "00001.tar"]
     monkeypatch.setattr(manifest_mod, "scan_tar", lambda url: pytest.fail("img2dataset stats were not used"))
     assert list(shard_sample_counts(urls).values()) == [3, 4]
-    loader = build_eval_loader(str(tmp_path), batch_size=8, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+    loader = build_eval_loader(str(tmp_path), batch_size=8, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
                                tokenizer=ids_tokenizer, max_length=8, workers=0, text_key="json:caption")
     (batch,) = list(loader)
     assert batch["key"] == [f"00000{j:04d}" for j in range(3)] + [f"00001{j:04d}" for j in range(4)]
@@ -241,7 +242,7 @@ def test_http_shards_through_the_webdataset_opener(tmp_path):
     try:
         urls = f"http://127.0.0.1:{server.server_port}/{{00000..00001}}.tar"
         assert list(shard_sample_counts(expand_urls(urls)).values()) == [3, 2]
-        loader = build_eval_loader(urls, batch_size=8, rank=0, world_size=1, image_size=8, mean=MEAN, std=STD,
+        loader = build_eval_loader(urls, batch_size=8, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
                                    tokenizer=ids_tokenizer, max_length=8, workers=0)
         assert [k for b in loader for k in b["key"]] == [f"00000{j:04d}" for j in range(3)] + ["000010000",
                                                                                             "000010001"]
@@ -260,8 +261,7 @@ def test_image_keys_pick_the_first_extension_present(tmp_path):
     write_tar(tmp_path / "00000.tar", members + [("000000000.txt", b"two images")])
 
     def first_pixel(image_keys: str) -> list[float]:
-        loader = build_eval_loader(str(tmp_path), batch_size=1, rank=0, world_size=1, image_size=8, mean=(0, 0, 0),
-                                   std=(1, 1, 1), tokenizer=ids_tokenizer, max_length=4, workers=0,
+        loader = build_eval_loader(str(tmp_path), batch_size=1, rank=0, world_size=1, preprocess=ImagePreprocess(8, (0, 0, 0), (1, 1, 1)), tokenizer=ids_tokenizer, max_length=4, workers=0,
                                    image_keys=image_keys)
         return [round(v) for v in next(iter(loader))["image"][0, :, 4, 4].tolist()]
 

@@ -74,8 +74,8 @@ def run_worker(out_root: Path) -> None:
         )
         # ZeRO-3 gathers parameters inside forward: every rank must run it.
         engine.eval()
-        mean, std = engine.module.image_normalization()
-        pixels = normalize(torch.stack([eval_transform(im, cfg.model.vision.image_size) for im in fixed_images()]), mean, std)
+        p = engine.module.preprocess
+        pixels = normalize(torch.stack([eval_transform(im, p) for im in fixed_images()]), p.mean, p.std)
         ids, mask = tokenize(tokenizer, TEXTS, cfg.model.text.max_length)
         with torch.no_grad():
             o = engine(pixel_values=pixels, input_ids=ids, attention_mask=mask)
@@ -203,7 +203,7 @@ def test_zero0_checkpoint_and_kind_detection(tmp_path):
     """A stage-0 checkpoint keeps the whole module in mp_rank_00_model_states.pt; export reads it from there."""
     from mmscale.config import dump_yaml, load_config
     from mmscale.export import detect_kind, export_checkpoint
-    from mmscale.inference import load
+    from mmscale.inference import image_batch, load
     from mmscale.models import build_dual_encoder
 
     cfg = load_config(TINY, ["loss.kind=siglip"])
@@ -220,7 +220,7 @@ def test_zero0_checkpoint_and_kind_detection(tmp_path):
     assert loaded.model.logit_bias is not None  # SigLIP's bias survives the round trip
     torch.testing.assert_close(loaded.model.logit_bias, model.logit_bias)
     with torch.no_grad():
-        want = model.encode_image(loaded.preprocess(fixed_images()))
+        want = model.encode_image(image_batch(fixed_images(), loaded.preprocess))
     torch.testing.assert_close(loaded.encode_image(fixed_images()), want, rtol=0, atol=1e-6)
     # A checkpoint without its config cannot be rebuilt: say so instead of guessing.
     (step / "config.yaml").unlink()

@@ -16,7 +16,7 @@ from mmscale.config import load_config
 from mmscale.data.tokenize import tokenize
 from mmscale.data.transforms import eval_transform, normalize
 from mmscale.export import ModelSpec, save_export, self_contained
-from mmscale.inference import EmbeddingModel, RerankerModel, encode_shards, load
+from mmscale.inference import EmbeddingModel, RerankerModel, encode_shards, image_batch, load
 from mmscale.models import build_dual_encoder, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def loaded(export_dir) -> EmbeddingModel:
 def test_round_trip_equals_the_in_memory_model(tiny, loaded):
     cfg, model, tokenizer = tiny
     images = random_images(4)
-    mean, std = model.image_normalization()
-    pixels = normalize(torch.stack([eval_transform(im, cfg.model.vision.image_size) for im in images]), mean, std)
+    p = model.preprocess
+    pixels = normalize(torch.stack([eval_transform(im, p) for im in images]), p.mean, p.std)
     ids, mask = tokenize(tokenizer, TEXTS, cfg.model.text.max_length)
     with torch.no_grad():
         want_img, want_txt = model.encode_image(pixels), model.encode_text(ids, mask)
@@ -177,7 +177,7 @@ def test_reranker_export_reranks(tiny, tmp_path):
     assert isinstance(loaded, RerankerModel)
     images = random_images(5)
     query = "two small blue squares"
-    pixels = loaded.preprocess(images)
+    pixels = image_batch(images, loaded.preprocess)
     ids, mask = tokenize(tokenizer, [query] * 5, cfg.model.text.max_length)
     with torch.no_grad():
         want = reranker.score(pixels, ids, mask)

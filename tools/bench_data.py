@@ -115,13 +115,13 @@ def reference_loader(urls: str, args, tokenizer):
 
 def mmscale_loader(urls: str, args, tokenizer):
     """mmscale's training loader in epoch mode on one rank."""
-    from mmscale.config import DataConfig
+    from mmscale.config import DataConfig, ImagePreprocess
     from mmscale.data import build_train_loader
 
     cfg = DataConfig(train=urls, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
                      crop_scale=list(args.crop_scale), remainder="drop")
     return build_train_loader(cfg, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                              image_size=args.image_size, mean=MEAN, std=STD, tokenizer=tokenizer,
+                              preprocess=ImagePreprocess(args.image_size, MEAN, STD), tokenizer=tokenizer,
                               max_length=args.max_length)
 
 

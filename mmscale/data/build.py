@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
-from mmscale.config import DataConfig
+from mmscale.config import DataConfig, ImagePreprocess
 from mmscale.data.decode import parse_image_keys
 from mmscale.data.loader import StreamingLoader
 from mmscale.data.manifest import shard_sample_counts
@@ -32,9 +31,7 @@ def build_train_loader(
     rank: int,
     world_size: int,
     seed: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    preprocess: ImagePreprocess,
     tokenizer: Any,
     max_length: int,
     pin_memory: bool = False,
@@ -61,9 +58,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         seed=seed,
-        image_size=image_size,
-        mean=tuple(mean),
-        std=tuple(std),
+        preprocess=preprocess,
         tokenizer=tokenizer,
         max_length=max_length,
         workers=streams,
@@ -97,9 +92,7 @@ def build_eval_loader(
     batch_size: int,
     rank: int,
     world_size: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    preprocess: ImagePreprocess,
     tokenizer: Any,
     max_length: int,
     workers: int = 2,
@@ -130,9 +123,7 @@ def build_eval_loader(
         rank=rank,
         world_size=world_size,
         seed=0,
-        image_size=image_size,
-        mean=tuple(mean),
-        std=tuple(std),
+        preprocess=preprocess,
         tokenizer=tokenizer,
         max_length=max_length,
         workers=max(workers, 1),

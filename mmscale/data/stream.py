@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmscale.config import ImagePreprocess
 from mmscale.data import decode as decoding
 from mmscale.data.shards import read_shards
 from mmscale.data.split import epoch_split, eval_split, resampled_shards, worker_split
@@ -43,9 +44,7 @@ class StreamSpec:
     rank: int
     world_size: int
     seed: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    preprocess: ImagePreprocess
     tokenizer: Any
     max_length: int
     workers: int = 1  # streams per rank (dataloader workers, or 1 in-process when 0 are asked for)
@@ -125,9 +124,9 @@ class SampleStream(IterableDataset):
         if spec.train:
             # One RNG per sample: the crop depends on the sample's place, not on what came before,
             # so a resumed run crops exactly as the uninterrupted one would have.
-            image = train_transform(image, spec.image_size, spec.crop_scale, random.Random(crop_seed))
+            image = train_transform(image, spec.preprocess, spec.crop_scale, random.Random(crop_seed))
         else:
-            image = eval_transform(image, spec.image_size)
+            image = eval_transform(image, spec.preprocess)
         return image, text
 
     # -- one batch -----------------------------------------------------------------
@@ -136,10 +135,11 @@ class SampleStream(IterableDataset):
         spec = self.spec
         if items:
             pixels = torch.stack([it[0] for it in items])
-            images = normalize(pixels, spec.mean, spec.std, out=_empty_for_transfer(pixels.shape, torch.float32))
+            images = normalize(pixels, spec.preprocess.mean, spec.preprocess.std,
+                               out=_empty_for_transfer(pixels.shape, torch.float32))
             ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
         else:
-            images = torch.empty(0, 3, spec.image_size, spec.image_size)
+            images = torch.empty(0, 3, spec.preprocess.size, spec.preprocess.size)
             ids = mask = torch.empty(0, spec.max_length, dtype=torch.long)
         return {
             "image": images,

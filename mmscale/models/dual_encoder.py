@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config import ModelConfig
+from mmscale.config import ImagePreprocess, ModelConfig
 from mmscale.models.towers import (
+    PixelNormalizer,
     build_text_tower,
     build_vision_tower,
+    image_preprocess,
     pool_tokens,
+    projection,
     text_width,
     trim_right_padding,
     vision_width,
@@ -33,14 +36,23 @@ class DualEncoder(nn.Module):
         init_logit_bias: float | None = None,
         lock_visual: bool = False,
         lock_text: bool = False,
+        preprocess: ImagePreprocess | None = None,
+        visual_proj: str = "linear",
+        text_proj: str = "linear",
+        attend_padding: bool = False,
     ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
+        # How images become this model's input; uint8 pixels are normalised on the device by `pixels`.
+        self.preprocess = preprocess or _timm_preprocess(visual)
+        self.pixels = PixelNormalizer(self.preprocess.mean, self.preprocess.std)
         self.pooling = pooling
         self.max_logit_scale = max_logit_scale
-        self.visual_proj = nn.Linear(vision_width(visual), embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_width(text), embed_dim, bias=False)
+        self.attend_padding = attend_padding
+        self.embed_dim = embed_dim
+        self.visual_proj = projection(visual_proj, vision_width(visual), embed_dim, "vision")
+        self.text_proj = projection(text_proj, text_width(text), embed_dim, "text")
         # Stored as a log so that the temperature stays positive under any update. Shape [1], not []:
         # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.logit_scale = nn.Parameter(torch.tensor([float(init_logit_scale)]))
@@ -63,15 +75,22 @@ class DualEncoder(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision tower's pooled output [B, width], before the projection."""
-        pixel_values = pixel_values.to(self.visual_proj.weight.dtype)
+        pixel_values = self.pixels(pixel_values, self.compute_dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_visual):
             return self.visual(pixel_values)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's states pooled over the real (attention_mask) tokens [B, width], before the projection."""
-        input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
+        if self.attend_padding:
+            # The tower was trained on the full padded sequence with every position visible (SigLIP):
+            # nothing is cut and no mask is passed.
+            attention_mask = torch.ones_like(attention_mask)
+            model_mask = None
+        else:
+            input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
+            model_mask = attention_mask
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
-            hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.text(input_ids=input_ids, attention_mask=model_mask).last_hidden_state
             return pool_tokens(hidden, attention_mask, self.pooling)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -82,10 +101,16 @@ class DualEncoder(nn.Module):
         """Text embeddings [B, embed_dim], pooled over the real (attention_mask) tokens."""
         return self.project(self.text_proj, self.text_features(input_ids, attention_mask), normalize)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The towers' parameter dtype (bf16 under DeepSpeed's bf16): what pixels and features are cast to."""
+        return next(self.visual.parameters()).dtype
+
     @staticmethod
-    def project(proj: nn.Linear, features: torch.Tensor, normalize: bool) -> torch.Tensor:
+    def project(proj: nn.Module, features: torch.Tensor, normalize: bool) -> torch.Tensor:
         """A tower's pooled features through its projection into the shared space, L2-normalised if asked."""
-        emb = proj(features.to(proj.weight.dtype))
+        weight = getattr(proj, "weight", None)
+        emb = proj(features.to(weight.dtype) if weight is not None else features)
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,17 +155,24 @@ class DualEncoder(nn.Module):
         return out
 
     def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """(mean, std) the vision tower expects, from timm's pretrained config."""
-        from timm.data import resolve_data_config
+        """(mean, std) the vision tower expects (`preprocess`)."""
+        return self.preprocess.mean, self.preprocess.std
 
-        data_cfg = resolve_data_config({}, model=self.visual)
-        return tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+
+def _timm_preprocess(visual: nn.Module) -> ImagePreprocess:
+    """Defaults for a tower built without a config: timm's data config (size, mean, std)."""
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config({}, model=visual)
+    return ImagePreprocess(size=int(data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]),
+                           std=tuple(data_cfg["std"]))
 
 
 def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False) -> DualEncoder:
     """Build the dual encoder from its config; `with_bias` adds SigLIP's learnable `logit_bias`."""
+    visual = build_vision_tower(model_cfg.vision)
     return DualEncoder(
-        visual=build_vision_tower(model_cfg.vision),
+        visual=visual,
         text=build_text_tower(model_cfg.text),
         embed_dim=model_cfg.embed_dim,
         pooling=model_cfg.text.pooling,
@@ -149,4 +181,8 @@ def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False) -> DualE
         init_logit_bias=model_cfg.init_logit_bias if with_bias else None,
         lock_visual=model_cfg.vision.locked,
         lock_text=model_cfg.text.locked,
+        preprocess=image_preprocess(model_cfg.vision, visual),
+        visual_proj=model_cfg.vision.proj,
+        text_proj=model_cfg.text.proj,
+        attend_padding=model_cfg.text.attend_padding,
     )

@@ -43,6 +43,10 @@ class MultimodalReranker(nn.Module):
         self.freeze_towers = freeze_towers
         # The bi-encoder's scoring path (projections, pooling, temperature): the score's prior.
         self.pooling = getattr(bi_encoder, "pooling", "mean")
+        self.attend_padding = getattr(bi_encoder, "attend_padding", False)
+        # The bi-encoder's preprocessing: uint8 pixels are normalised on the device as there.
+        self.preprocess = getattr(bi_encoder, "preprocess", None)
+        self.pixels = bi_encoder.pixels if bi_encoder is not None else None
         self.bi_visual_proj = bi_encoder.visual_proj if bi_encoder is not None else None
         self.bi_text_proj = bi_encoder.text_proj if bi_encoder is not None else None
         scale = bi_encoder.scale_and_bias()[0].detach().reshape(1) if bi_encoder is not None else torch.zeros(1)
@@ -68,12 +72,16 @@ class MultimodalReranker(nn.Module):
     def encode_image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The trunk's raw token states [B, P, width] (a ViT's prefix + patch tokens); `fuse` projects them."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_towers):
-            return self.visual.forward_features(pixel_values.to(self.head.weight.dtype))
+            dtype = self.head.weight.dtype
+            pixels = self.pixels(pixel_values, dtype) if self.pixels is not None else pixel_values.to(dtype)
+            return self.visual.forward_features(pixels)
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The text tower's raw token states [B, L, width]; `fuse` projects them."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_towers):
-            return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # As the bi-encoder's tower was trained: a SigLIP text tower attends to its padding.
+            mask = None if self.attend_padding else attention_mask
+            return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder)."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmscale.config import TextConfig, VisionConfig
+from mmscale.config import ImagePreprocess, TextConfig, VisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,67 @@ def load_vision_weights(tower: nn.Module, path: str) -> None:
         raise RuntimeError(f"model.vision.weights {path}: missing keys for this architecture: {missing[:8]}")
     if unexpected:
         log.info("vision weights %s: ignored %d keys (e.g. %s)", path, len(unexpected), unexpected[:3])
+
+
+def image_preprocess(cfg: VisionConfig, tower: nn.Module) -> ImagePreprocess:
+    """The tower's preprocessing: the config's settings, mean/std from timm's data config unless set."""
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if not mean or not std:
+        from timm.data import resolve_data_config
+
+        data_cfg = resolve_data_config({}, model=tower)
+        mean, std = mean or tuple(data_cfg["mean"]), std or tuple(data_cfg["std"])
+    return ImagePreprocess(size=cfg.image_size, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                           resize=cfg.resize, interpolation=cfg.interpolation, crop_pct=cfg.crop_pct)
+
+
+class PixelNormalizer(nn.Module):
+    """uint8 pixels [B, 3, H, W] -> float `(x / 255 - mean) / std` on the model's device; float pixels pass through.
+
+    The data pipeline hands over uint8 images (a quarter of float32's bytes in shared memory and on
+    the way to the device); they are normalised here, chunk by chunk, where the tower runs. Float
+    input is taken as already normalised (a caller that did it itself).
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+        # Not persistent: the values are part of the model's preprocessing (config / preprocess.json),
+        # not weights, so checkpoints and exports keep their keys.
+        self.register_buffer("scale", self._scale(torch.device("cpu")), persistent=False)
+        self.register_buffer("shift", self._shift(torch.device("cpu")), persistent=False)
+
+    def _scale(self, device: torch.device) -> torch.Tensor:
+        std = torch.tensor(self.std, dtype=torch.float64, device=device)
+        return (1.0 / (255.0 * std)).float().view(1, -1, 1, 1)
+
+    def _shift(self, device: torch.device) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=torch.float64, device=device)
+        std = torch.tensor(self.std, dtype=torch.float64, device=device)
+        return (-mean / std).float().view(1, -1, 1, 1)
+
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(bf16)` (DeepSpeed's bf16 does it) would round the constants: rebuild them in fp32
+        # on whatever device the buffers moved to. Set up once, so no per-step host transfer.
+        super()._apply(fn, recurse)
+        self.scale, self.shift = self._scale(self.scale.device), self._shift(self.scale.device)
+        return self
+
+    def forward(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            return pixels.to(dtype)
+        return torch.addcmul(self.shift, pixels.float(), self.scale).to(dtype)  # in fp32, then the tower's dtype
+
+
+def projection(kind: str, width: int, embed_dim: int, where: str) -> nn.Module:
+    """A tower's map into the shared space: a linear layer (optionally with bias) or nothing."""
+    if kind == "none":
+        if width != embed_dim:
+            raise ValueError(f"model.{where}.proj=none needs the tower's width ({width}) to equal model.embed_dim ({embed_dim})")
+        return nn.Identity()
+    if kind not in ("linear", "linear_bias"):
+        raise ValueError(f"model.{where}.proj: unknown projection {kind!r} (linear | linear_bias | none)")
+    return nn.Linear(width, embed_dim, bias=kind == "linear_bias")
 
 
 def vision_width(tower: nn.Module) -> int:
@@ -122,16 +183,18 @@ def trim_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool token states [B, L, D] to [B, D]: first token, masked mean, or last real token (right padding)."""
+    """Pool token states [B, L, D] to [B, D]: first token, masked mean, last real token (right padding), or last position."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "last":
+        return hidden[:, -1]
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     if pooling == "eos":
         last = attention_mask.long().sum(1).clamp(min=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {pooling!r} (cls | mean | eos)")
+    raise ValueError(f"unknown pooling {pooling!r} (cls | mean | eos | last)")
 
 
 def load_tokenizer(cfg: TextConfig):

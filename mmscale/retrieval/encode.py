@@ -77,8 +77,7 @@ def _gather_images(local: torch.Tensor | None, device) -> torch.Tensor:
 
 
 def _embed_dim(model: nn.Module) -> int:
-    proj = getattr(model, "text_proj", None)
-    return int(proj.out_features) if proj is not None else 0
+    return int(getattr(model, "embed_dim", 0))
 
 
 def save_split(split: EncodedSplit, output: str | Path) -> None:

@@ -211,10 +211,9 @@ def run_mine(cfg) -> int:
     start = time.perf_counter()
     model, model_cfg = load_bi_encoder(m.checkpoint)
     model.to(device)
-    mean, std = model.image_normalization()
     loader = build_eval_loader(
         m.data or cfg.data.train, batch_size=cfg.eval.batch_size, rank=rank, world_size=world,
-        image_size=model_cfg.vision.image_size, mean=mean, std=std,
+        preprocess=model.preprocess,
         tokenizer=load_tokenizer(model_cfg.text), max_length=model_cfg.text.max_length,
     )  # fmt: skip
     split = encode_split(model, loader, device=device)

@@ -77,7 +77,7 @@ class Trainer:
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(cfg.model.text)
         model = build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip")
-        self.mean, self.std = model.image_normalization()
+        self.preprocess = model.preprocess
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, self.world_size)
         self.loss_fn = build_loss(cfg.loss)
         seed_everything(t.seed + 1000 * self.rank + 1)
@@ -88,9 +88,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             seed=t.seed,
-            image_size=cfg.model.vision.image_size,
-            mean=self.mean,
-            std=self.std,
+            preprocess=self.preprocess,
             tokenizer=self.tokenizer,
             max_length=cfg.model.text.max_length,
         )
@@ -261,9 +259,7 @@ class Trainer:
                 self.engine.module,
                 self.cfg.data.val,
                 tokenizer=self.tokenizer,
-                image_size=self.cfg.model.vision.image_size,
-                mean=self.mean,
-                std=self.std,
+                preprocess=self.preprocess,
                 max_length=self.cfg.model.text.max_length,
                 eval_cfg=self.cfg.eval,
                 data_cfg=self.cfg.data,

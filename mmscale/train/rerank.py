@@ -86,13 +86,13 @@ def batch_indices(step: int, rank: int, world_size: int, per_rank: int, n: int, 
 
 
 def load_images(
-    urls: str, keys: set[str], *, image_size: int, mean, std, tokenizer, max_length: int, batch_size: int = 64
+    urls: str, keys: set[str], *, preprocess, tokenizer, max_length: int, batch_size: int = 64
 ):
     """key -> normalised image tensor for `keys`, read from the shards (every rank reads them all)."""
     from mmscale.data import build_eval_loader
 
     loader = build_eval_loader(
-        urls, batch_size=batch_size, rank=0, world_size=1, image_size=image_size, mean=mean, std=std,
+        urls, batch_size=batch_size, rank=0, world_size=1, preprocess=preprocess,
         tokenizer=tokenizer, max_length=max_length,
     )  # fmt: skip
     images = {}
@@ -126,10 +126,9 @@ def train_reranker(cfg: Config) -> int:
 
     records, summary = read_mined(r.mined or mined_dir(cfg))
     tokenizer = load_tokenizer(model_cfg.text)
-    mean, std = teacher.image_normalization()
     wanted = {k for rec in records for k in [rec["positive_key"], *rec["negative_keys"][: r.group_size - 1]]}
     images = load_images(
-        cfg.mine.data or cfg.data.train, wanted, image_size=model_cfg.vision.image_size, mean=mean, std=std,
+        cfg.mine.data or cfg.data.train, wanted, preprocess=teacher.preprocess,
         tokenizer=tokenizer, max_length=model_cfg.text.max_length,
     )  # fmt: skip
     scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(teacher.scale_and_bias()[0].detach())
@@ -176,7 +175,7 @@ def train_reranker(cfg: Config) -> int:
     ckpt.save(engine, t.steps, {"step": t.steps}, {}, config_yaml)
 
     if cfg.data.val:
-        results = _evaluate(engine, teacher, run, cfg.data.val, tokenizer, info.device, mean, std)
+        results = _evaluate(engine, teacher, run, cfg.data.val, tokenizer, info.device)
         monitor.log_step(t.steps, {f"bi_encoder/{k}": v for k, v in results["bi_encoder"].items()}, group="eval")
         monitor.log_step(t.steps, {f"reranked/{k}": v for k, v in results["reranked"].items()}, group="eval")
         if rank == 0:
@@ -191,7 +190,7 @@ def train_reranker(cfg: Config) -> int:
     return 0
 
 
-def _evaluate(engine, teacher, run: Config, urls: str, tokenizer, device, mean, std) -> dict:
+def _evaluate(engine, teacher, run: Config, urls: str, tokenizer, device) -> dict:
     """Bi-encoder vs re-ranked retrieval on `urls`, all ranks together."""
     from mmscale.data import build_eval_loader
     from mmscale.retrieval.rerank_eval import evaluate_rerank
@@ -199,7 +198,7 @@ def _evaluate(engine, teacher, run: Config, urls: str, tokenizer, device, mean, 
     m = run.model
     loader = build_eval_loader(
         urls, batch_size=run.eval.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
-        image_size=m.vision.image_size, mean=mean, std=std, tokenizer=tokenizer, max_length=m.text.max_length,
+        preprocess=teacher.preprocess, tokenizer=tokenizer, max_length=m.text.max_length,
     )  # fmt: skip
     params = list(engine.module.parameters())
     gathered = _gathered(params) if run.train.zero_stage == 3 else _nothing()
