@@ -157,6 +157,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16
     seed: int = 0  # seeds model init, data order, augmentation and dropout
     gradcache: bool = True  # False: one plain forward/backward over the per-rank batch
+    grad_reduction: str = "auto"  # coalesced (one ZeRO reduction per step; full gradient on every rank) | per_chunk (each chunk reduce-scattered into the partitions: ~1/W gradient memory, more traffic) | auto (see README)
     group_by_length: bool = True  # chunks (plain step: forward groups of chunk_size) of similar caption length, each cut to its longest caption (exact; less text-tower work)
     ds_config: str = ""  # optional DeepSpeed JSON template; mmscale fills batch fields itself
     log_every: int = 10  # steps between metrics.jsonl/TensorBoard records
@@ -487,6 +488,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _one_of(t.zero_stage, (0, 1, 2, 3), "train.zero_stage")
     _one_of(t.precision, ("fp32", "bf16"), "train.precision")
+    _one_of(t.grad_reduction, ("auto", "coalesced", "per_chunk"), "train.grad_reduction")
     _check(not (t.offload and t.zero_stage == 0), "train.offload", "CPU offload needs train.zero_stage >= 1")
     _check(t.log_every > 0, "train.log_every", "must be > 0")
     _check(t.save_every >= 0, "train.save_every", "must be >= 0 (0: only at the end)")

@@ -66,7 +66,7 @@ def run_rank(out_path: str) -> None:
             out = train_step(engine, batch, loss_fn, cfg.train.chunk_size, cfg.train.gradcache)
             assert out["finite"]
             engine.step()
-            losses.append(out["loss"])
+            losses.append(float(out["loss"]))
             lrs.append(scheduler.get_last_lr()[0])
         results[name] = {"losses": losses, "lrs": lrs, "chunks": out["chunks"]}
         engine.destroy()

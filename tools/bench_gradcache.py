@@ -121,7 +121,7 @@ def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int) -> 
     out = train_step(engine, inputs, build_loss(cfg.loss), chunk, gradcache=mode == "cached")
     engine.step()
     return {"batch": batch, "mode": mode, "rss_before_step_mb": before, "peak_rss_mb": peak_rss_mb(),
-            "step_s": time.perf_counter() - t, "loss": out["loss"]}
+            "step_s": time.perf_counter() - t, "loss": float(out["loss"])}
 
 
 def run_memory(batches: list[int], chunk: int, threads: int) -> list[dict]:
@@ -252,13 +252,13 @@ def mmscale_encode(engine, batch: dict, chunk: int, group_by_length: bool = True
     """Pass 1 of the cached step alone: every chunk encoded without a graph (what re-encoding costs)."""
     import torch
 
-    from mmscale.train.gradcache import chunk_rows, make_chunks, model_inputs
+    from mmscale.train.gradcache import ChunkedBatch, plan_chunks
 
     t, cpu = time.perf_counter(), time.process_time()
-    inputs = model_inputs(batch, engine.device)
+    chunks = ChunkedBatch(batch, plan_chunks(batch, chunk, group_by_length), engine.device)
     with torch.no_grad():
-        for part in make_chunks(inputs, chunk, chunk_rows(inputs, chunk, group_by_length)):
-            engine(**part)
+        for i in range(len(chunks)):
+            engine(**chunks[i])
     return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "forward_only": True}
 
 

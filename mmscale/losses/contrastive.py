@@ -16,7 +16,7 @@ from mmscale.losses.siglip import siglip_loss
 
 BASE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"clip": clip_loss, "siglip": siglip_loss}
 
-LossOutput = tuple[torch.Tensor, dict[str, float]]
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 # Largest [rows x global batch] logit block kept alive at once (fp32 elements, 4 MB). A 4096-sample
 # batch on one rank would otherwise hold several 4096 x 4096 matrices (logits, softmax, gradients) and
@@ -95,11 +95,13 @@ class ContrastiveLoss:
             )
             total = total + weight * loss
             name = f"loss_{self.kind}" if dim == image_emb.shape[-1] else f"loss_{self.kind}_dim{dim}"
-            components[name] = loss.item()
-        components["loss"] = total.item()
-        components["logit_scale"] = logit_scale.item()
+            components[name] = loss.detach()
+        # Detached tensors, not floats: `.item()` would make the host wait for the device every step;
+        # the loop reads them only when it logs.
+        components["loss"] = total.detach()
+        components["logit_scale"] = logit_scale.detach().reshape(())
         if logit_bias is not None:
-            components["logit_bias"] = logit_bias.item()
+            components["logit_bias"] = logit_bias.detach().reshape(())
         return total, components
 
 

@@ -79,15 +79,25 @@ class DualEncoder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_visual):
             return self.visual(pixel_values)
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The text tower's states pooled over the real (attention_mask) tokens [B, width], before the projection."""
+    def text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_length: int | None = None
+    ) -> torch.Tensor:
+        """The text tower's states pooled over the real (attention_mask) tokens [B, width], before the projection.
+
+        Right padding after the longest caption is cut first. `text_length`, when the caller knows it
+        (the gradient cache plans chunks on the host), is where to cut: finding it here would make the
+        host wait for the device.
+        """
         if self.attend_padding:
             # The tower was trained on the full padded sequence with every position visible (SigLIP):
             # nothing is cut and no mask is passed.
             attention_mask = torch.ones_like(attention_mask)
             model_mask = None
         else:
-            input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
+            if text_length is not None:
+                input_ids, attention_mask = input_ids[:, :text_length], attention_mask[:, :text_length]
+            else:
+                input_ids, attention_mask = trim_right_padding(input_ids, attention_mask)
             model_mask = attention_mask
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
             hidden = self.text(input_ids=input_ids, attention_mask=model_mask).last_hidden_state
@@ -113,11 +123,27 @@ class DualEncoder(nn.Module):
         emb = proj(features.to(weight.dtype) if weight is not None else features)
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def set_fp32_scalars(self, values: dict[str, torch.Tensor]) -> None:
+        """fp32 values of `logit_scale` / `logit_bias` to compute with while the parameters are held in bf16.
+
+        The parameters still receive the gradient (a straight-through sum below); the optimizer's fp32
+        masters are what these values come from (see `train.engine.refresh_fp32_scalars`).
+        """
+        self._fp32_scalars = {k: v.detach().float() for k, v in values.items()}
+
+    def _scalar(self, name: str) -> torch.Tensor:
+        param = getattr(self, name)
+        shadow = getattr(self, "_fp32_scalars", {}).get(name)
+        if shadow is None:
+            return param
+        # Value: the fp32 master exactly; gradient: d/dparam = 1, as if the parameter were fp32.
+        return shadow.to(param.device) + (param - param.detach()).float()
+
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
         # clamp passes no gradient once the cap is hit, which is what stops the temperature there.
-        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp().reshape(())
-        return scale, (self.logit_bias.reshape(()) if self.logit_bias is not None else None)
+        scale = self._scalar("logit_scale").clamp(max=self.max_logit_scale).exp().reshape(())
+        return scale, (self._scalar("logit_bias").reshape(()) if self.logit_bias is not None else None)
 
     def forward(
         self,
@@ -127,6 +153,7 @@ class DualEncoder(nn.Module):
         normalize: bool = True,
         image_features: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
+        text_length: int | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Encode whichever modalities are given; always also returns `logit_scale` (exp'd) and `logit_bias`.
 
@@ -146,7 +173,7 @@ class DualEncoder(nn.Module):
         if text_features is None and input_ids is not None:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
-            text_features = self.text_features(input_ids, attention_mask)
+            text_features = self.text_features(input_ids, attention_mask, text_length)
             if self.lock_text:
                 out["text_features"] = text_features
         if text_features is not None:

@@ -22,6 +22,9 @@ DS_TEMPLATES = Path(__file__).resolve().parents[2] / "launch" / "ds"
 
 # Parameters that must never be decayed towards zero, whatever their shape.
 NO_DECAY_NAMES = ("logit_scale", "logit_bias")
+# Parameters the model computes with in fp32 even when DeepSpeed holds them in bf16: the temperature
+# moves in 1.6% steps in bf16 (ln(1/0.07) = 2.659 -> 2.656, next 2.672).
+FP32_SCALARS = ("logit_scale", "logit_bias")
 
 
 def ds_template_path(stage: int, offload: bool) -> Path:
@@ -56,6 +59,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = float(t.grad_clip)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": t.precision == "bf16"}
     ds.pop("fp16", None)
+    if t.precision == "bf16" and t.zero_stage >= 1:
+        # The chunks' (and ZeRO partitions') gradients are summed in fp32, not bf16 (stage 0 has no such
+        # option in DeepSpeed: the gradient cache sums in fp32 itself there).
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", t.zero_stage) != t.zero_stage:
         log.warning("ds template has ZeRO stage %s; train.zero_stage=%d wins", zero.get("stage"), t.zero_stage)
@@ -140,6 +147,7 @@ def build_engine(
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(param_groups(model, cfg.train.weight_decay))
     scheduler = build_scheduler(cfg, optimizer)
+    exact = {n: p.detach().float().clone() for n, p in model.named_parameters() if n in FP32_SCALARS}
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -150,4 +158,65 @@ def build_engine(
         # One data-parallel rank has nothing to average, yet stage 0 would still flatten, all-reduce
         # and copy back every gradient after each backward (about 1.5% of a step here).
         engine.enable_backward_allreduce = False
+    if exact and engine.bfloat16_enabled() and hasattr(engine.module, "set_fp32_scalars"):
+        # DeepSpeed made the fp32 masters from the bf16-cast values: put the exact ones back.
+        params = dict(engine.module.named_parameters())
+        for name, value in exact.items():
+            _set_fp32_master(params[name], value)
+        refresh_fp32_scalars(engine)
+        _refresh_after(engine, "step")  # every caller of step() / load_checkpoint() gets it, the loop or a test
+        _refresh_after(engine, "load_checkpoint")
     return engine, ds_optimizer, ds_scheduler
+
+
+def _refresh_after(engine, method: str) -> None:
+    original = getattr(engine, method)
+
+    def wrapped(*args, **kwargs):
+        out = original(*args, **kwargs)
+        refresh_fp32_scalars(engine)
+        return out
+
+    setattr(engine, method, wrapped)
+
+
+def _set_fp32_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Overwrite a parameter's fp32 master copy in the DeepSpeed optimizer (each rank its own slice)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if not hasattr(param, "ds_id"):
+        safe_set_full_fp32_param(param, value.to(param.device))
+        return
+    # ZeRO-3 pads a parameter to one slice per rank; DeepSpeed 0.19's set_full_hp_param reads past
+    # the end of a parameter smaller than the world size (a 1-element logit scale on 2 ranks).
+    optimizer = param._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    flat = value.detach().float().flatten().to(partition.device)
+    start = partition.numel() * optimizer._get_param_partition_rank(param)
+    n = max(0, min(partition.numel(), flat.numel() - start))
+    if n:
+        partition.data[:n].copy_(flat[start : start + n])
+
+
+def resolve_grad_reduction(train_cfg) -> str:
+    """`train.grad_reduction` with `auto` decided: per_chunk under ZeRO-3, coalesced otherwise (README: which when)."""
+    if train_cfg.grad_reduction != "auto":
+        return train_cfg.grad_reduction
+    return "per_chunk" if train_cfg.zero_stage == 3 else "coalesced"
+
+
+def refresh_fp32_scalars(engine) -> None:
+    """Under bf16, hand the model the fp32 master values of its logit scale/bias (collective: every rank).
+
+    Call after every optimizer step and after loading a checkpoint. A no-op in fp32 runs.
+    """
+    if not engine.bfloat16_enabled() or not hasattr(engine.module, "set_fp32_scalars"):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    values = {}
+    for name, param in engine.module.named_parameters():
+        if name in FP32_SCALARS:
+            value = safe_get_full_fp32_param(param)
+            values[name] = (value if value is not None else param.detach()).float().clone()
+    engine.module.set_fp32_scalars(values)

@@ -10,21 +10,37 @@ So: (1) embed every chunk without a graph, except the last, whose graph is kept;
 loss on the gathered global batch and backpropagate only to the embeddings and s, caching ∂L/∂e
 and ∂L/∂s; (3) backpropagate the surrogate Σ e_c · stopgrad(∂L/∂e_c) through each chunk's graph
 (the kept one first, the others re-embedded WITH a graph), whose gradient w.r.t. θ is exactly the
-first term; the second term rides on the first of these backwards as s · stopgrad(∂L/∂s). A
+first term; the second term rides on the last of these backwards as s · stopgrad(∂L/∂s). A
 locked (LiT) tower is not run again in pass 2: its pass-1 output is reused. Pass 2 restores each
 chunk's RNG state so dropout draws the same masks as in pass 1 — the gradient is then the exact
 gradient of the loss that pass 1 computed.
 
-Which samples share a chunk does not matter to that sum, so with `group_by_length` the chunks are
-formed from captions of similar length; the dual encoder cuts each chunk's text to its longest
-caption, so the padding the loader adds (to `model.text.max_length`) is never encoded. The loss
-still sees the batch in its original order.
+Which samples share a chunk does not matter to that sum — not even whether a chunk's images and
+captions belong to the same samples, since image and text embeddings are computed independently.
+So image chunks are contiguous slices of the batch (views: nothing is copied until a chunk goes to
+the device), and with `group_by_length` caption chunks are formed from captions of similar length,
+each cut to its longest caption, so the padding the loader adds is never encoded. The loss still
+sees the batch in its original order.
+
+Nothing in a step waits for the device more than once: how the batch is cut (rows, caption lengths)
+is decided on the host from the host copy of the attention mask, and the loss's scalars stay tensors
+until the loop logs them. The one host read per step is whether every rank's loss was finite.
+
+Gradient reduction (`train.grad_reduction`):
+  coalesced  every chunk's backward leaves its gradient on the parameters and ZeRO reduces once, at
+             the end of the step (DeepSpeed's `coalesce_grad_reduction`): least traffic, but every
+             rank holds the whole model's gradient until then;
+  per_chunk  each chunk's backward is reduce-scattered into the ZeRO partitions right away by
+             DeepSpeed's own hooks: gradient memory per rank ~1/W (ZeRO 2/3), W-1 more reductions.
+Under bf16 the chunks' gradients are summed in fp32 either way: DeepSpeed's fp32 gradient
+partitions (`data_types.grad_accum_dtype`) for per_chunk, fp32 accumulators here for coalesced.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,56 +50,105 @@ from mmscale import distributed
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
 LOCKED_FEATURES = {"image_features": ("pixel_values",), "text_features": ("input_ids", "attention_mask")}
+REDUCTIONS = ("coalesced", "per_chunk")
 
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-
-
-# --------------------------------------------------------------------------- helpers
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The tensors the dual encoder takes, moved to the engine's device (other batch keys are ignored)."""
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if batch.get(k) is not None}
+# --------------------------------------------------------------------------- how a batch is cut
 
 
-def chunk_rows(inputs: dict[str, torch.Tensor], chunk_size: int, group_by_length: bool) -> list[torch.Tensor] | None:
-    """The rows of each chunk, longest captions first, or None for contiguous chunks in batch order.
+def last_real_column(attention_mask: torch.Tensor) -> int:
+    """1 + the last column any row attends to (at least 1): where right padding may be cut (host tensors)."""
+    columns = attention_mask.bool().any(0).nonzero()
+    return int(columns.max()) + 1 if len(columns) else 1
 
-    Grouping by length only pays when captions have different lengths; without an attention mask
-    (or with every caption equally long) it returns None and the cheaper contiguous views are used.
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one rank's batch is cut into chunks, decided on the host once per batch.
+
+    Images go in contiguous slices of `chunk_size`. Captions go in `text_rows` (row indices per
+    chunk, longest captions first) or, when None, in the same contiguous slices; `text_lengths[i]`
+    is the width chunk i's captions are cut to (None: no attention mask, nothing cut).
     """
-    mask = inputs.get("attention_mask")
-    if not group_by_length or mask is None:
-        return None
+
+    rows: int
+    chunk_size: int
+    text_rows: tuple[torch.Tensor, ...] | None
+    text_lengths: tuple[int, ...] | None
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.rows // self.chunk_size)
+
+    def slice(self, i: int) -> slice:
+        """Chunk i's rows as a slice of the batch (images; captions when not grouped)."""
+        return slice(i * self.chunk_size, min((i + 1) * self.chunk_size, self.rows))
+
+
+def plan_chunks(batch: dict[str, Any], chunk_size: int, group_by_length: bool) -> ChunkPlan:
+    """The chunks of a batch: contiguous images; captions grouped by length (when they differ) and cut."""
+    ref = next(batch[k] for k in MODEL_INPUTS if batch.get(k) is not None)
+    rows = ref.shape[0]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return ChunkPlan(rows, chunk_size, None, None)
+    mask = mask.cpu()  # the loader's host copy: free; a device mask costs one sync per batch, not per chunk
+    text_rows = None
     lengths = mask.sum(1)
-    if bool((lengths == lengths[0]).all()):
-        return None
-    order = torch.sort(lengths, descending=True, stable=True).indices
-    return list(order.split(chunk_size))
+    if group_by_length and not bool((lengths == lengths[0]).all()):
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        text_rows = tuple(order.split(chunk_size))
+    parts = text_rows or tuple(torch.arange(rows).split(chunk_size))
+    return ChunkPlan(rows, chunk_size, text_rows, tuple(last_real_column(mask[p]) for p in parts))
 
 
-def per_chunk(t: torch.Tensor, chunk_size: int, rows: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    """`t` cut along the batch dim into the chunks: the rows `chunk_rows` picked, or contiguous views."""
-    if rows is None:
-        return list(t.split(chunk_size))
-    return [t.index_select(0, idx.to(t.device)) for idx in rows]
+class ChunkedBatch:
+    """A batch's model inputs cut into chunks lazily: chunk i reaches the device only when asked for.
+
+    Pixels stay on the host (pinned by the loader on GPU machines, so the copy is asynchronous) and
+    go over one chunk at a time, in pass 1 and again in pass 2; token ids are small and go over once.
+    """
+
+    def __init__(self, batch: dict[str, Any], plan: ChunkPlan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        self.pixels = batch.get("pixel_values")
+        self.tokens = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask")
+                       if batch.get(k) is not None}  # fmt: skip
+        rows = plan.text_rows
+        self.text_rows = [r.to(device, non_blocking=True) for r in rows] if rows is not None else None
+
+    def __len__(self) -> int:
+        return self.plan.n_chunks
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Chunk i's model inputs on the device (and its caption width, so the model cuts without a sync)."""
+        part = self.plan.slice(i)
+        out: dict[str, Any] = {}
+        if self.pixels is not None:
+            out["pixel_values"] = self.pixels[part].to(self.device, non_blocking=True)
+        for k, v in self.tokens.items():
+            out[k] = v.index_select(0, self.text_rows[i]) if self.text_rows is not None else v[part]
+        if self.plan.text_lengths is not None and "input_ids" in out:
+            out["text_length"] = self.plan.text_lengths[i]
+        return out
+
+    def text_in_batch_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Caption rows computed chunk by chunk, back in batch order."""
+        joined = torch.cat(parts)
+        if self.text_rows is None:
+            return joined
+        inverse = torch.argsort(torch.cat(self.text_rows))
+        return joined[inverse]
+
+    def text_grad(self, grad: torch.Tensor, i: int) -> torch.Tensor:
+        """Chunk i's rows of a batch-order caption gradient."""
+        return grad.index_select(0, self.text_rows[i]) if self.text_rows is not None else grad[self.plan.slice(i)]
 
 
-def make_chunks(inputs: dict[str, torch.Tensor], chunk_size: int, rows: list[torch.Tensor] | None) -> list[dict]:
-    """The chunks' inputs, every input cut by `per_chunk` (the text tower cuts each chunk's padding)."""
-    parts = {k: per_chunk(v, chunk_size, rows) for k, v in inputs.items()}
-    return [dict(zip(parts, chunk)) for chunk in zip(*parts.values())]
-
-
-def in_batch_order(rows: list[torch.Tensor] | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Tensors whose rows follow the chunks (concatenated in chunk order), put back in batch order."""
-    if rows is None:
-        return tensors
-    inverse = torch.argsort(torch.cat(rows)).to(tensors[0].device)
-    return tuple(t[inverse] for t in tensors)
-
-
-def with_locked_features(chunk: dict[str, torch.Tensor], features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_locked_features(chunk: dict[str, Any], features: dict[str, torch.Tensor]) -> dict[str, Any]:
     """A chunk's pass-2 inputs: each locked tower's pass-1 output in place of that tower's raw inputs.
 
     A locked tower needs no gradient and, in eval mode, draws no random numbers, so skipping it
@@ -93,12 +158,14 @@ def with_locked_features(chunk: dict[str, torch.Tensor], features: dict[str, tor
     for name, value in features.items():
         for raw in LOCKED_FEATURES[name]:
             chunk.pop(raw, None)
+        if name == "text_features":
+            chunk.pop("text_length", None)
         chunk[name] = value
     return chunk
 
 
 def get_rng_state() -> dict[str, Any]:
-    """CPU (and, when in use, CUDA) generator states: what dropout draws from."""
+    """CPU (and, when in use, CUDA) generator states: what dropout draws from (host state: no device sync)."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -118,6 +185,9 @@ def all_ranks_finite(loss: torch.Tensor) -> bool:
     return bool(distributed.all_reduce_tensor(flag, "min").item() > 0)
 
 
+# --------------------------------------------------------------------------- gradient reduction
+
+
 def supports_coalesced_reduction(engine) -> bool:
     """Whether `engine.coalesce_grad_reduction()` works: ZeRO 1/2/3 optimizers, not stage 0 nor BF16_Optimizer."""
     return (
@@ -129,68 +199,149 @@ def supports_coalesced_reduction(engine) -> bool:
     )
 
 
-@contextlib.contextmanager
-def single_reduction(engine, n_chunks: int) -> Iterator[list[contextlib.AbstractContextManager]]:
-    """Arrange ONE gradient reduction over n_chunks backward calls; yields a context per chunk.
+def reduces_per_chunk(engine, mode: str) -> bool:
+    """Whether chunks are reduced as they come: per_chunk with a ZeRO stage that partitions gradients."""
+    if mode not in REDUCTIONS:
+        raise ValueError(f"train.grad_reduction must be one of {', '.join(REDUCTIONS)}, got {mode!r}")
+    return mode == "per_chunk" and engine.zero_optimization_partition_gradients()
 
-    ZeRO 1/2/3: all backwards inside `coalesce_grad_reduction`, which reduces once on exit.
-    Stage 0 and the BF16_Optimizer wrapper: `no_sync` for all but the last chunk; the last
-    backward's all-reduce then averages the gradients accumulated over every chunk.
+
+class _Fp32GradSum:
+    """Sums the chunks' bf16 gradients in fp32 and hands the total to the last backward (one rounding).
+
+    Autograd adds each chunk's gradient into `param.grad` in the parameter's dtype; over many
+    chunks bf16 would round at every addition. A post-accumulate hook (it runs after DeepSpeed's
+    own, which leaves gradients in place while reduction is deferred) moves each chunk's gradient
+    into an fp32 sum and, in the last backward, writes the total into `param.grad` in place.
     """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+        self.sums: dict[int, torch.Tensor] = {}
+        self.last = False
+        self.handles: list[Any] = []
+
+    def _hook(self, param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        total = self.sums.pop(id(param), None)
+        chunk = param.grad.float()
+        total = chunk if total is None else total.add_(chunk)
+        if self.last:
+            param.grad.copy_(total)
+        else:
+            self.sums[id(param)] = total
+            param.grad = None
+
+    def __enter__(self) -> _Fp32GradSum:
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.sums and exc[0] is None:
+            raise RuntimeError(f"{len(self.sums)} parameters got a gradient in earlier chunks but none in the last")
+        self.sums.clear()
+
+
+@contextlib.contextmanager
+def chunk_reduction(engine, n_chunks: int, mode: str = "coalesced") -> Iterator[Callable[[int], Any]]:
+    """The reduction of n_chunks backward calls; yields `context(position)` to wrap each chunk's backward in.
+
+    coalesced, ZeRO 1/2/3: all backwards inside `coalesce_grad_reduction`, which reduces once on exit.
+    coalesced, stage 0 / BF16_Optimizer: `no_sync` for all but the last chunk, whose backward's
+    all-reduce then averages the gradients accumulated over every chunk.
+    per_chunk, ZeRO 2/3: every backward is a reduction (gradient-accumulation boundary False until the
+    last), so ZeRO's hooks reduce-scatter each chunk into the partitions.
+    """
+    per_chunk = reduces_per_chunk(engine, mode)
+    bf16_sum = engine.bfloat16_enabled() and not per_chunk
+    fp32 = _Fp32GradSum(list(engine.module.parameters())) if bf16_sum else contextlib.nullcontext()
+    last = n_chunks - 1
+
+    if per_chunk:
+        @contextlib.contextmanager
+        def context(position: int):
+            engine.set_gradient_accumulation_boundary(position == last)
+            yield
+
+        try:
+            yield context
+        finally:
+            engine.set_gradient_accumulation_boundary(True)
+        return
+
+    def mark_last(position: int) -> None:
+        if isinstance(fp32, _Fp32GradSum):
+            fp32.last = position == last
+
     if supports_coalesced_reduction(engine):
-        with engine.coalesce_grad_reduction():
-            yield [contextlib.nullcontext() for _ in range(n_chunks)]
+        with engine.coalesce_grad_reduction(), fp32:
+            @contextlib.contextmanager
+            def context(position: int):
+                mark_last(position)
+                yield
+
+            yield context
         return
     if engine.zero_optimization_partition_gradients():
         raise NotImplementedError(
             f"gradient cache: no single-reduction path for ZeRO stage {engine.zero_optimization_stage()} "
             f"with optimizer {type(engine.optimizer).__name__}"
         )
-    yield [engine.no_sync() for _ in range(n_chunks - 1)] + [contextlib.nullcontext()]
+    with fp32:
+        @contextlib.contextmanager
+        def context(position: int):
+            mark_last(position)
+            with engine.no_sync() if position != last else contextlib.nullcontext():
+                yield
+
+        yield context
 
 
-def _result(loss: torch.Tensor, components: dict[str, float], finite: bool, n_chunks: int) -> dict[str, Any]:
-    return {**components, "loss": float(loss.detach()), "finite": finite, "chunks": n_chunks}
+def _result(loss: torch.Tensor, components: dict[str, Any], finite: bool, n_chunks: int) -> dict[str, Any]:
+    # Tensors, not floats: reading them would wait for the device; the loop reads them when it logs.
+    return {**components, "loss": loss.detach(), "finite": finite, "chunks": n_chunks}
 
 
 # --------------------------------------------------------------------------- steps
 
 
 def gradcache_step(
-    engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, group_by_length: bool = True
+    engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, group_by_length: bool = True,
+    grad_reduction: str = "coalesced",
 ) -> dict[str, Any]:
     """Accumulate the exact global-batch gradient into `engine` chunk by chunk; the caller then calls `engine.step()`.
 
-    Returns the loss components plus `finite` (agreed on all ranks) and `chunks`. When `finite` is
-    False no gradient reached the engine on any rank: the caller should skip `engine.step()`.
-    Collective: every rank must call it with the same per-rank batch size.
+    Returns the loss components (tensors) plus `finite` (agreed on all ranks) and `chunks`. When
+    `finite` is False no gradient reached the engine on any rank: the caller should skip
+    `engine.step()`. Collective: every rank must call it with the same per-rank batch size.
     """
-    inputs = model_inputs(batch, engine.device)
-    rows = chunk_rows(inputs, chunk_size, group_by_length)
-    chunks = make_chunks(inputs, chunk_size, rows)
+    device = distributed.comm_device() if distributed.is_initialized() else engine.device
+    plan = plan_chunks(batch, chunk_size, group_by_length)
+    chunks = ChunkedBatch(batch, plan, device)
 
     # Pass 1: embeddings without a graph, except for the last chunk: its graph is kept, and its
     # backward runs first in pass 2, so that one chunk is encoded once instead of twice while at
-    # most one chunk's activations are alive at any time, as before.
+    # most one chunk's activations are alive at any time.
     # A locked (LiT) tower's pooled output is kept too, so pass 2 runs only its projection.
     last = len(chunks) - 1
     rng_states, image_parts, text_parts, locked_parts = [], [], [], []
-    for i, chunk in enumerate(chunks):
+    for i in range(len(chunks)):
         rng_states.append(get_rng_state())
         with torch.set_grad_enabled(i == last):
-            out = engine(**chunk)
+            out = engine(**chunks[i])
         image_parts.append(out["image_emb"].detach())
         text_parts.append(out["text_emb"].detach())
         locked_parts.append({k: out[k].detach() for k in LOCKED_FEATURES if out.get(k) is not None})
     kept = out
     rng_after = get_rng_state()
 
-    # Loss on the global batch; backward to the cached leaves only (the gather's backward is an
-    # all-reduce, so this too runs on every rank).
-    # Back to batch order: the loss pairs row i with row i.
-    image_emb, text_emb = in_batch_order(rows, torch.cat(image_parts).float(), torch.cat(text_parts).float())
-    image_emb.requires_grad_(True)
-    text_emb.requires_grad_(True)
+    # Loss on the global batch in fp32; backward to the cached leaves only (the gather's backward is
+    # an all-reduce, so this too runs on every rank). Back to batch order: the loss pairs row i with row i.
+    image_emb = torch.cat(image_parts).float().requires_grad_(True)
+    text_emb = chunks.text_in_batch_order(text_parts).float().requires_grad_(True)
     scale = out["logit_scale"].detach().float().requires_grad_(True)
     bias = out["logit_bias"].detach().float().requires_grad_(True) if out["logit_bias"] is not None else None
     with torch.enable_grad():
@@ -199,25 +350,26 @@ def gradcache_step(
         return _result(loss, components, False, len(chunks))
     leaves = [image_emb, text_emb, scale] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    image_grad, text_grad = per_chunk(grads[0], chunk_size, rows), per_chunk(grads[1], chunk_size, rows)
+    image_grad, text_grad = grads[0], grads[1]
     scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
 
     # Pass 2: push the cached gradients through each chunk's graph: the kept one first, then the
     # others re-encoded under the same RNG state as in pass 1.
     order = [last, *range(last)]
-    with single_reduction(engine, len(chunks)) as chunk_contexts:
-        for position, (i, context) in enumerate(zip(order, chunk_contexts)):
-            with context:
+    with chunk_reduction(engine, len(chunks), grad_reduction) as chunk_context:
+        for position, i in enumerate(order):
+            with chunk_context(position):
                 if i != last:
                     set_rng_state(rng_states[i])
                     out = engine(**with_locked_features(chunks[i], locked_parts[i]))
                 else:
                     out = kept
                 # d/dθ Σ e·g = (∂e/∂θ)ᵀ g with g held constant: the chunk's share of dL/dθ.
-                surrogate = (out["image_emb"].float() * image_grad[i]).sum()
-                surrogate = surrogate + (out["text_emb"].float() * text_grad[i]).sum()
-                if position == 0:
-                    # The scale/bias term of the chain rule, added exactly once per step.
+                surrogate = (out["image_emb"].float() * image_grad[plan.slice(i)]).sum()
+                surrogate = surrogate + (out["text_emb"].float() * chunks.text_grad(text_grad, i)).sum()
+                if position == last:
+                    # The scale/bias term of the chain rule, added exactly once per step, in the last
+                    # backward (which the bf16 fp32-sum and the per-chunk reduction treat as final).
                     for name, g in scalar_grads:
                         surrogate = surrogate + (out[name].float() * g).sum()
                 engine.backward(surrogate, scale_wrt_gas=False)
@@ -235,28 +387,25 @@ def plain_step(
     captions of similar length, all with their graphs, so the text tower skips the padding as in
     the cached step; the loss and the single backward still see the whole batch in its order.
     """
-    inputs = model_inputs(batch, engine.device)
-    rows = chunk_rows(inputs, chunk_size, group_by_length) if chunk_size else None
-    groups = 1 if rows is None else len(rows)
-    if rows is None:
-        out = engine(**inputs)
-        image_emb, text_emb = out["image_emb"], out["text_emb"]
-    else:
-        outs = [engine(**chunk) for chunk in make_chunks(inputs, chunk_size, rows)]
-        out = outs[-1]  # the logit scale/bias are the same in every group's output
-        image_emb, text_emb = in_batch_order(
-            rows, torch.cat([o["image_emb"] for o in outs]), torch.cat([o["text_emb"] for o in outs])
-        )
+    device = distributed.comm_device() if distributed.is_initialized() else engine.device
+    plan = plan_chunks(batch, chunk_size or len(next(iter(batch.values()))), group_by_length)
+    if plan.text_rows is None:  # one forward, cut to the batch's longest caption
+        plan = ChunkPlan(plan.rows, plan.rows, None, None if plan.text_lengths is None else (max(plan.text_lengths),))
+    chunks = ChunkedBatch(batch, plan, device)
+    outs = [engine(**chunks[i]) for i in range(len(chunks))]
+    out = outs[-1]  # the logit scale/bias are the same in every group's output
+    image_emb = torch.cat([o["image_emb"] for o in outs])
+    text_emb = chunks.text_in_batch_order([o["text_emb"] for o in outs])
     loss, components = loss_fn(image_emb, text_emb, out["logit_scale"], out["logit_bias"])
     if not all_ranks_finite(loss):
-        return _result(loss, components, False, groups)
+        return _result(loss, components, False, len(chunks))
     engine.backward(loss)
-    return _result(loss, components, True, groups)
+    return _result(loss, components, True, len(chunks))
 
 
 def train_step(
     engine, batch: dict[str, Any], loss_fn: LossFn, chunk_size: int, gradcache: bool = True,
-    group_by_length: bool = True,
+    group_by_length: bool = True, grad_reduction: str = "coalesced",
 ) -> dict:
     """`gradcache_step` or `plain_step` as `train.gradcache` says (no optimizer step).
 
@@ -264,5 +413,5 @@ def train_step(
     step, a forward group of `chunk_size`), so the text tower skips the loader's padding.
     """
     if gradcache:
-        return gradcache_step(engine, batch, loss_fn, chunk_size, group_by_length)
+        return gradcache_step(engine, batch, loss_fn, chunk_size, group_by_length, grad_reduction)
     return plain_step(engine, batch, loss_fn, chunk_size, group_by_length)

@@ -30,6 +30,7 @@ from mmscale.train.checkpoint import (
     restore_rng_state,
     tag_for,
 )
+from mmscale.train.engine import resolve_grad_reduction
 from mmscale.train.preemption import PreemptionHandler
 
 log = logging.getLogger(__name__)
@@ -190,16 +191,16 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
                   "attention_mask": batch["attention_mask"]}
-        result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length)
+        result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
+                            resolve_grad_reduction(t))
         result["lr"] = lr
         # `finite` is already agreed across ranks by the step, so every rank takes the same branch.
         if result["finite"]:
-            self.engine.step()
+            self.engine.step()  # under bf16 also refreshes the fp32 logit scale/bias (train.engine)
             self.step += 1
             self.bad_steps_in_row = 0
-            grad_norm = self.engine.get_global_grad_norm()
-            if grad_norm is not None:
-                result["grad_norm"] = float(grad_norm)
+            # Read when logged (a float() here would wait for the device every step).
+            result["grad_norm"] = self.engine.get_global_grad_norm
         else:
             self.engine.zero_grad()
             self.bad_steps_in_row += 1
@@ -210,8 +211,13 @@ class Trainer:
 
     def _log(self, result: dict[str, Any], global_samples: int, log_line: bool) -> None:
         """Agree on the numbers across ranks and hand them to the monitor (collective)."""
-        numbers = {k: float(v) for k, v in result.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "chunks"}
+        numbers = {}
+        for k, v in result.items():
+            v = v() if callable(v) else v  # values read only now: the step left them on the device
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "chunks":
+                numbers[k] = float(v)
         names = sorted(numbers)
         metrics = dict(zip(names, distributed.all_reduce_numbers([numbers[k] for k in names], "mean")))
         metrics.update(self.meter.stats(global_samples))
