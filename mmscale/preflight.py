@@ -268,6 +268,8 @@ def check_hf_source(name: str, key: str, files: tuple[str, ...] = _MODEL_FILES, 
         return []
     fix = (f"download it where the hub is reachable (hf download {name}) into this machine's cache "
            f"({constants.HF_HUB_CACHE}), or set {key} to a local directory")
+    if path.parent != Path(".") and path.parent.is_dir():  # `models/my-modle`: more likely a local typo
+        fix += f"; as a local path: {_not_found(path)}"
     if constants.HF_HUB_OFFLINE:
         return [Finding(key, f"{name!r} is not in the local hub cache and the hub is off (HF_HUB_OFFLINE=1); {fix}")]
     problem = _probe_hub(name, files)

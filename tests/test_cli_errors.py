@@ -110,8 +110,6 @@ def test_check_refuses_bad_configs_in_seconds_and_train_writes_nothing(data, tmp
         assert "shards for" not in line  # the loader's shard arithmetic no longer speaks for a typo
         # Refused in seconds (about 3.5 s here on 2 shared cores), not after a minute of hub retries.
         assert took < 20, (name, took)
-        with capsys.disabled():
-            print(f"\ncheck refused '{name}' in {took:.1f} s", end="")
 
         assert main(["train", str(TINY), *overrides]) == 2, name
         assert key in _one_line(capsys.readouterr().err)

