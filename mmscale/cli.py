@@ -51,7 +51,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 train.steps=100")
 
 
-def _check_inputs(*groups) -> None:
+def _check_inputs(*groups: list) -> None:
     """Refuse the command's own paths (models, shards, files) before loading anything."""
     from mmscale.preflight import raise_if_fatal
 
@@ -95,10 +95,12 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mmscale.preflight import Finding, check_model_source, check_shards
 
-    zero_shot = [] if not args.zero_shot or os.path.isfile(args.zero_shot) else [
-        Finding("--zero-shot", f"{args.zero_shot}: no such file (a YAML/JSON file of class names and templates)")]
-    reranker = check_model_source(args.reranker, "--reranker") if args.reranker else []
-    _check_inputs(check_model_source(args.model, "model"), check_shards(args.data, "--data"), reranker, zero_shot)
+    findings = check_model_source(args.model, "model") + check_shards(args.data, "--data")
+    if args.reranker:
+        findings += check_model_source(args.reranker, "--reranker")
+    if args.zero_shot and not os.path.isfile(args.zero_shot):
+        findings.append(Finding("--zero-shot", f"{args.zero_shot}: no such file (class names and prompt templates)"))
+    _check_inputs(findings)
     from mmscale.evaluate import run_eval_cli
 
     return run_eval_cli(args) or 0
