@@ -1,8 +1,14 @@
 """The `mmscale` command: train, mine, rerank, eval, encode, export, demo, check.
 
-Each subcommand parses its arguments, loads and validates the config (before any rank does
-work), then hands over to the module that owns the job. Imports are lazy so that
-`mmscale --help` and config errors are instant.
+Each subcommand parses its arguments, loads and validates the config, and runs the preflight
+checks (data, model names, checkpoints: mmscale/preflight.py) before any rank builds anything,
+then hands over to the module that owns the job. Imports are lazy so that `mmscale --help` and
+config errors are instant.
+
+Exit codes: 0 done (or preempted / Ctrl-C'd after a checkpoint was saved), 1 a failure, 2 bad
+input (config, path, damaged file), 3 training stopped on non-finite losses, 130 interrupted.
+An expected error is one line, `mmscale: <message>`; `--debug` (or MMSCALE_DEBUG=1, which
+reaches launched ranks) shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import argparse
 import os
 import sys
 
-from mmscale.config import ConfigError, DataConfig, load_config, validate_world
+from mmscale.config import DataConfig, load_config, validate_world
+from mmscale.errors import EXIT_INTERRUPTED, MmscaleError
 
 
 def _world_size() -> int:
@@ -19,9 +26,23 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _say(message: str) -> None:
+    """`mmscale: <line>` on stderr for each line; launched ranks say which rank they are."""
+    rank = f"[rank {os.environ.get('RANK', '0')}] " if _world_size() > 1 else ""
+    for line in message.splitlines() or [""]:
+        print(f"mmscale: {rank}{line}", file=sys.stderr, flush=True)
+
+
 def _load(args: argparse.Namespace, stage: str = "train"):
+    from mmscale.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
-    validate_world(cfg, _world_size(), stage)
+    validate_world(cfg, _world_size(), "rerank" if stage == "rerank" else "train")
+    # On every rank, before any model, loader or config.yaml: a run that cannot work stops here.
+    notes = preflight(cfg, stage, _world_size())
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            _say(f"note: {note}")
     return cfg
 
 
@@ -30,10 +51,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 train.steps=100")
 
 
+def _check_inputs(*groups: list) -> None:
+    """Refuse the command's own paths (models, shards, files) before loading anything."""
+    from mmscale.preflight import raise_if_fatal
+
+    for note in raise_if_fatal(f for group in groups for f in group):
+        _say(f"note: {note}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    from mmscale.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
-    validate_world(cfg, args.world_size)
-    print(f"config OK for world size {args.world_size}: per-rank batch {cfg.per_rank_batch_size}")
+    validate_world(cfg, args.world_size, "rerank" if args.stage == "rerank" else "train")
+    for note in preflight(cfg, args.stage, args.world_size):
+        print(f"note (not verified): {note}")
+    batch = cfg.rerank.global_batch_size // args.world_size if args.stage == "rerank" else cfg.per_rank_batch_size
+    print(f"config OK for world size {args.world_size} ({args.stage}): per-rank batch {batch}")
     return 0
 
 
@@ -45,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, stage="mine")
     from mmscale.retrieval.mining import run_mine
 
     return run_mine(cfg) or 0
@@ -59,18 +93,32 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mmscale.preflight import Finding, check_model_source, check_shards
+
+    findings = check_model_source(args.model, "model") + check_shards(args.data, "--data")
+    if args.reranker:
+        findings += check_model_source(args.reranker, "--reranker")
+    if args.zero_shot and not os.path.isfile(args.zero_shot):
+        findings.append(Finding("--zero-shot", f"{args.zero_shot}: no such file (class names and prompt templates)"))
+    _check_inputs(findings)
     from mmscale.evaluate import run_eval_cli
 
     return run_eval_cli(args) or 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from mmscale.preflight import check_model_source, check_shards
+
+    _check_inputs(check_model_source(args.model, "model"), check_shards(args.data, "--data"))
     from mmscale.inference import encode_shards_cli
 
     return encode_shards_cli(args) or 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mmscale.preflight import check_model_source
+
+    _check_inputs(check_model_source(args.checkpoint, "checkpoint"))
     from mmscale.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
@@ -90,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     # `deepspeed --module mmscale ...` inserts --local_rank=N before the subcommand; the rank
     # is read from the LOCAL_RANK environment variable, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected error (also MMSCALE_DEBUG=1, e.g. for launched ranks)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check", help="validate a config for a world size, start nothing")
+    p = sub.add_parser("check", help="validate a config and its inputs (shards, model names, checkpoints); start nothing")
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--stage", choices=("train", "mine", "rerank"), default="train", help="the command to check for")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", help="train the dual encoder")
@@ -148,11 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmscale` console script."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MMSCALE_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"mmscale: config error: {exc}", file=sys.stderr)
-        return 2
+    except MmscaleError as exc:
+        if debug:
+            raise
+        _say(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        # Training turns the first Ctrl-C into a checkpoint; this is one outside it (start-up, mining, eval).
+        if debug:
+            raise
+        _say("interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from mmscale.errors import BadInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(BadInputError, ValueError):
     """A config key is unknown, has the wrong type, or holds an impossible value."""
 
 

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from mmscale.config import Config, ModelConfig, RerankConfig, from_dict, to_dict
+from mmscale.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KINDS = ("dual_encoder", "reranker")
 
 
-class ExportError(RuntimeError):
+class ExportError(BadInputError, RuntimeError):
     """A checkpoint cannot be found, consolidated or exported."""
 
 

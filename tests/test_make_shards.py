@@ -360,3 +360,36 @@ def test_more_bad_rows_are_skipped_not_fatal(tmp_path, images):
     assert stats["failures"] == {"invalid_row": 2, "missing_caption": 2, "missing_image": 1, "remote_url": 1}
     [(_, files)] = read_shards(tmp_path / "out")
     assert files["txt"] == b"12345"
+
+
+def test_a_conversion_that_skips_too_much_exits_non_zero(tmp_path, images):
+    def convert(name: str, rows: list[dict], *extra: str) -> subprocess.CompletedProcess:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cmd = [sys.executable, str(REPO / "tools/make_shards.py"), "--input", str(tmp_path / f"{name}.jsonl"),
+               "--output", str(tmp_path / name), "--no-progress", *extra]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    # Paths relative to the images' folder, but no --image-root: every file is looked for next to the table.
+    rows = [{"image": f"{i}.png", "caption": f"picture {i}"} for i in range(N)]
+    res = convert("all_missing", rows)
+    assert res.returncode == 1, res.stderr
+    assert f"wrote 0 of {N} rows, skipped {N} (100%: nothing was written)" in res.stderr
+    assert f"missing_file={N}" in res.stderr and f"{tmp_path / '0.png'}, {tmp_path / '1.png'}" in res.stderr
+    assert f"resolved against --image-root (here {tmp_path})" in res.stderr
+    assert json.loads((tmp_path / "all_missing" / "stats.json").read_text())["num_failed"] == N  # kept to inspect
+    assert convert("all_found", rows, "--image-root", str(images)).returncode == 0
+
+    # More than the allowed share skipped: 4 of 6, with the commonest reasons first.
+    rows = [{"image": "imgs/0.png", "caption": "ok"}, {"image": "imgs/1.png", "caption": "ok"},
+            {"image": "imgs/gone.png", "caption": "x"}, {"image": "imgs/gone2.png", "caption": "x"},
+            {"image": "imgs/garbage.jpg", "caption": "x"}, {"image": "imgs/2.png", "caption": " "}]  # fmt: skip
+    res = convert("mostly_bad", rows)
+    assert res.returncode == 1, res.stderr
+    assert "wrote 2 of 6 rows, skipped 4 (67%: more than --max-skip-ratio 0.5)" in res.stderr
+    assert "top reasons: missing_file=2, decode_error=1, empty_caption=1" in res.stderr
+    assert f"the first paths looked for: {tmp_path / 'imgs/gone.png'}, {tmp_path / 'imgs/gone2.png'}, " \
+           "imgs/garbage.jpg" in res.stderr  # fmt: skip
+    # Under the ratio the same conversion is fine (the skipped rows are still listed in stats.json).
+    res = convert("allowed", rows, "--max-skip-ratio", "0.7")
+    assert res.returncode == 0 and "wrote 2 samples" in res.stdout and "skipped 4 rows" in res.stdout
+    assert convert("empty", []).returncode == 1

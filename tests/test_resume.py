@@ -1,8 +1,10 @@
-"""Runs that survive: SIGTERM mid-run, exact resume past a torn checkpoint, a resume on another world size.
+"""Runs that survive: Ctrl-C and SIGTERM mid-run, exact resume past a torn checkpoint, another world size.
 
 Real `deepspeed` launcher, two CPU ranks (gloo). One epoch of demo data is 12 steps; the
-uninterrupted reference and the interrupted + resumed run must log bit-identical losses
-after the checkpoint, and together see every training sample exactly once.
+uninterrupted reference and the run that is interrupted twice (Ctrl-C to `launch/train.sh`,
+then SIGTERM to one rank and every dataloader worker) and resumed each time must log
+bit-identical losses after the first checkpoint, and together see every training sample
+exactly once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from mmscale.distributed import free_port
 from mmscale.monitor import read_metrics
+from mmscale.train.checkpoint import checkpoint_root, find_latest, read_meta
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +58,21 @@ def _launch(overrides: list[str], ranks: int = 2) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _launch_script(overrides: list[str], ranks: int = 2) -> subprocess.Popen:
+    """`launch/train.sh` in a session of its own, as a terminal's foreground job: killpg(pid) is Ctrl-C."""
+    env = {**_env(), "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
+    env.pop("DEEPSPEED", None)  # the script's own choice: the launcher of the python it runs
+    return subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(TINY), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, output: Path, steps: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (output / "metrics.jsonl").is_file() or max(_losses(output), default=0) < steps:
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be signalled"
+        time.sleep(0.05)
+
+
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -71,20 +89,26 @@ def _keys(output: Path) -> list[str]:
     return keys
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of local rank `rank` under a deepspeed launcher process tree."""
+def _rank_process(launcher_pid: int, rank: int):
+    """Local rank `rank` (a psutil.Process) under a deepspeed launcher process tree."""
     import psutil
 
     for child in psutil.Process(launcher_pid).children(recursive=True):
         try:
             if child.environ().get("LOCAL_RANK") == str(rank) and "mmscale" in " ".join(child.cmdline()):
-                return child.pid
+                return child
         except psutil.Error:
             continue
     raise LookupError(f"no rank {rank} under {launcher_pid}")
 
 
-def test_sigterm_resume_is_exact_and_sees_each_sample_once(demo_data, tmp_path):
+def _latest_step(output: Path) -> tuple[Path, int]:
+    ckpt = find_latest(checkpoint_root(output))
+    assert ckpt is not None, f"no checkpoint in {output}"
+    return ckpt, read_meta(ckpt)["step"]
+
+
+def test_ctrl_c_and_sigterm_resume_exactly_and_see_each_sample_once(demo_data, tmp_path):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "interrupted"
     reference = _launch(_overrides(demo_data, ref_dir))
     code, out = _finish(reference)
@@ -121,22 +145,35 @@ def test_sigterm_resume_is_exact_and_sees_each_sample_once(demo_data, tmp_path):
     for name in ("i2t_recall@1", "i2t_recall@5", "t2i_recall@10", "i2t_mean_rank", "t2i_mean_rank"):
         assert standalone[name] == pytest.approx(evals[-1][name], abs=1e-6), name
 
-    # Same run, SIGTERM to rank 1 alone once step 3 is logged: all ranks stop together, exit 0.
-    run = _launch(_overrides(demo_data, run_dir))
-    deadline = time.monotonic() + 240
-    while not (run_dir / "metrics.jsonl").is_file() or len(_losses(run_dir)) < 3:
-        assert run.poll() is None and time.monotonic() < deadline, "run ended before it could be signalled"
-        time.sleep(0.05)
-    os.kill(_rank_pid(run.pid, 1), signal.SIGTERM)
+    # Same run through launch/train.sh, Ctrl-C once step 3 is logged. The terminal's SIGINT reaches the
+    # script's process group only; the script passes it to the ranks, which finish the step, save, exit 0.
+    run = _launch_script(_overrides(demo_data, run_dir))
+    _wait_for_steps(run, run_dir, 3)
+    os.killpg(run.pid, signal.SIGINT)
     signalled = time.monotonic()
     code, out = _finish(run)
     assert code == 0, out[-3000:]
     assert time.monotonic() - signalled < 60
-    from mmscale.train.checkpoint import checkpoint_root, find_latest, read_meta
+    assert "config OK for world size 2 (train)" in out and "preemption signal received (SIGINT)" in out
+    assert "Traceback" not in out, out[-3000:]
+    ckpt, k1 = _latest_step(run_dir)
+    assert 3 <= k1 < STEPS - 3, out[-2000:]
 
-    ckpt = find_latest(checkpoint_root(run_dir))
-    k = read_meta(ckpt)["step"]
-    assert 3 <= k < STEPS, out[-2000:]
+    # Resumed, then SIGTERM to rank 1 and to every dataloader worker (a scheduler or the deepspeed
+    # launcher signals whole process trees): the workers ignore it, all ranks stop together, exit 0.
+    run = _launch(_overrides(demo_data, run_dir))
+    _wait_for_steps(run, run_dir, k1 + 1)
+    rank1 = _rank_process(run.pid, 1)
+    workers = [w for r in (_rank_process(run.pid, 0), rank1) for w in r.children(recursive=True)]
+    assert workers  # data.workers=1: one per rank
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    os.kill(rank1.pid, signal.SIGTERM)
+    code, out = _finish(run)
+    assert code == 0, out[-3000:]
+    assert f"resumed from {ckpt} at step {k1}" in out and "preemption signal received" in out
+    ckpt, k = _latest_step(run_dir)
+    assert k1 < k < STEPS, out[-2000:]
 
     # A torn checkpoint (newer, no marker) and a dead temporary one must be ignored by resume=auto.
     torn = checkpoint_root(run_dir) / "step_00000099"
@@ -149,7 +186,7 @@ def test_sigterm_resume_is_exact_and_sees_each_sample_once(demo_data, tmp_path):
     assert f"resumed from {ckpt} at step {k}" in out
     ref, resumed = _losses(ref_dir), _losses(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    assert [resumed[s] for s in range(k + 1, STEPS + 1)] == [ref[s] for s in range(k + 1, STEPS + 1)]
+    assert [resumed[s] for s in range(k1 + 1, STEPS + 1)] == [ref[s] for s in range(k1 + 1, STEPS + 1)]
     keys = _keys(run_dir)
     assert len(keys) == len(set(keys)) == STEPS * 16  # one epoch, each sample exactly once
     assert set(keys) == set(_keys(ref_dir))

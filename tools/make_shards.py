@@ -25,6 +25,10 @@ position`` (k = 4 up to 10000 samples per shard, as img2dataset does), plus
 ``OUT/stats.json``: per-shard counts and bytes, failures by reason, and every skipped
 row with its reason (missing_file, decode_error, empty_caption, missing_caption, ...).
 The output is byte-identical for the same input and options, whatever ``--workers``.
+
+Exit codes: 0 done; 2 refused before converting (bad option, unreadable input, output not
+empty); 1 converted, but wrote nothing or skipped more than ``--max-skip-ratio`` of the rows
+(default 0.5): the message names the commonest reasons and the first paths looked for.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import re
 import sys
 import tarfile
@@ -57,8 +62,19 @@ _TAR_BLOCK = 512
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks close an archive
 
 
+DEFAULT_MAX_SKIP_RATIO = 0.5
+
+
 class ShardError(Exception):
-    """A user-facing error: bad input, bad option, output not empty."""
+    """A user-facing error: bad input, bad option, output not empty (refused before converting: exit 2)."""
+
+    exit_code = 2
+
+
+class TooManySkipped(ShardError):
+    """The conversion ran, but wrote nothing or skipped more of its input than allowed (exit 1)."""
+
+    exit_code = 1
 
 
 def _padded(n: int) -> int:
@@ -738,6 +754,32 @@ def make_shards(
     return stats
 
 
+def check_skipped(stats: dict[str, Any], max_skip_ratio: float, image_root: str | Path | None = None) -> None:
+    """Raise TooManySkipped when nothing was written or more than ``max_skip_ratio`` of the rows were skipped.
+
+    The message names the commonest reasons and the first paths looked for: a wrong
+    ``--image-root`` (every file missing) then reads as what it is, not as a finished conversion.
+    """
+    written, skipped = stats["total_samples"], stats["num_failed"]
+    rows = written + skipped
+    if written and skipped <= max_skip_ratio * rows:
+        return
+    source = stats.get("config", {}).get("input", "the input")
+    if not rows:
+        raise TooManySkipped(f"wrote 0 samples: {source} has no rows")
+    top = sorted(stats["failures"].items(), key=lambda kv: (-kv[1], kv[0]))
+    reasons = ", ".join(f"{k}={v}" for k, v in top[:3]) + (", ..." if len(top) > 3 else "")
+    looked = [os.path.abspath(r["detail"].removeprefix("no such file: ")) if r["reason"] == "missing_file"
+              else r["source"] for r in stats["failed_rows"][:3]]
+    limit = "nothing was written" if not written else f"more than --max-skip-ratio {max_skip_ratio:g}"
+    message = (f"wrote {written} of {rows} rows, skipped {skipped} ({100 * skipped / rows:.0f}%: {limit}); "
+               f"top reasons: {reasons}; the first paths looked for: {', '.join(looked)}")
+    if top[0][0] == "missing_file":
+        root = f" (here {os.path.abspath(image_root)})" if image_root is not None else ""
+        message += f"; relative image paths are resolved against --image-root{root}: is it right?"
+    raise TooManySkipped(message)
+
+
 def summary(stats: dict[str, Any], output: Path) -> str:
     """A few human lines about a finished conversion."""
     lines = [
@@ -800,9 +842,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workers", type=int, default=1, help="processes decoding and resizing images (default %(default)s)"
     )
+    p.add_argument(
+        "--max-skip-ratio",
+        type=float,
+        default=DEFAULT_MAX_SKIP_RATIO,
+        help="exit 1 when more than this share of the rows is skipped, or nothing is written (default %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
+    if not 0 <= args.max_skip_ratio <= 1:
+        p.error(f"--max-skip-ratio must be in [0, 1], got {args.max_skip_ratio}")
     try:
         stats = make_shards(
             args.input,
@@ -824,8 +874,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(summary(stats, Path(args.output)))
+    image_root = args.image_root or (Path(args.input).parent if stats["config"]["format"] != "folder" else None)
+    try:
+        check_skipped(stats, args.max_skip_ratio, image_root)
+    except TooManySkipped as e:
+        print(f"error: {e}; every skipped row is listed in {Path(args.output) / STATS_NAME}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -61,6 +62,14 @@ def _stack(records: list[tuple]) -> dict:
         "key": [r[3] for r in records],
         "text": [r[4] for r in records],
     }
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of the foreground group, and the deepspeed launcher
+    # and schedulers SIGTERM whole process trees: the rank decides what a stop signal means (finish
+    # the step and save), so a worker must not die of one. It ends with its rank all the same.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class StreamingLoader:
@@ -217,7 +226,7 @@ class StreamingLoader:
         self.spec.workers = max(workers, 1)
         kwargs: dict[str, Any] = {}
         if workers > 0:
-            kwargs.update(prefetch_factor=self.prefetch_factor, timeout=self.timeout)
+            kwargs.update(prefetch_factor=self.prefetch_factor, timeout=self.timeout, worker_init_fn=_ignore_stop_signals)
         return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory, **kwargs)
 
     def _consume(self, batch: dict) -> None:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from mmscale import distributed
+from mmscale.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,14 @@ LATEST_FILE = "latest"
 TMP_PREFIX = "tmp-"
 UNIVERSAL_PREFIX = "universal-"
 _TAG_RE = re.compile(r"^step_(\d+)$")
+# DeepSpeed's per-rank files: ZeRO optimizer shards (stage 1-3) and ZeRO-3 parameter shards.
+_ZERO_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
+# What goes wrong when a file is cut short or damaged, from torch.load and DeepSpeed's loaders.
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, AssertionError, KeyError, pickle.UnpicklingError,
+                zipfile.BadZipFile)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInputError, RuntimeError):
     """A checkpoint asked for does not exist, is incomplete, or cannot be loaded."""
 
 
@@ -111,6 +119,63 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
         f"train.resume={resume!r}: no complete checkpoint there (a step_* directory with {COMPLETE_MARKER}, "
         "or a directory holding them)"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def damaged_fix(path: Path) -> str:
+    """What to do about a damaged checkpoint `path`: the older complete ones, and how to use them."""
+    older = [p.name for p in list_complete(path.parent) if _step_of(p) < _step_of(path)]
+    choice = f"older complete ones here: {', '.join(older)}" if older else "there is none here"
+    return (
+        f"resume from an older checkpoint with train.resume=PATH ({choice}) or pass its step directory to "
+        f"export/eval, or delete the damaged step directory {path}: train.resume=auto then takes the newest "
+        "complete one left (or starts afresh)"
+    )
+
+
+def _step_of(path: Path) -> int:
+    match = _TAG_RE.match(path.name)
+    return int(match.group(1)) if match else 1 << 62
+
+
+def verify_checkpoint(path: Path, world_size: int | None = None) -> dict[str, Any]:
+    """Refuse a complete checkpoint with a missing or truncated file, naming it; returns its complete.json.
+
+    File-level only (cheap, not a collective): every rank's ZeRO shard is there and every `.pt`
+    file is a whole torch archive (its zip directory, written last, is intact). With `world_size`
+    equal to the one that saved, this rank-count's `mmscale_rank_*.pt` files must be there too.
+    """
+    meta = read_meta(path)
+    saved = int(meta.get("world_size", 1))
+    files = sorted(path.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        raise CheckpointError(f"{path}: no DeepSpeed model states (*model_states.pt) in it; {damaged_fix(path)}")
+    for kind, what in (("optim", "ZeRO optimizer shard"), ("model", "ZeRO-3 parameter shard")):
+        ranks = {int(m.group(1)): f.name for f in files if (m := _ZERO_FILE_RE.search(f.name)) and m.group(2) == kind}
+        missing = sorted(set(range(saved)) - set(ranks))
+        if ranks and missing:
+            example = next(iter(ranks.values()))
+            names = ", ".join(re.sub(r"zero_pp_rank_\d+_", f"zero_pp_rank_{r}_", example) for r in missing)
+            raise CheckpointError(
+                f"{path}: missing {names} (the {what} of rank {', '.join(map(str, missing))}; it was written by "
+                f"{saved} ranks, {len(ranks)} shards are there); {damaged_fix(path)}"
+            )
+    if world_size == saved:
+        for r in range(saved):
+            if not _rank_file(path, r).is_file():
+                raise CheckpointError(
+                    f"{_rank_file(path, r)}: missing (rank {r}'s data position and RNG state); {damaged_fix(path)}"
+                )
+    for f in files:
+        if not zipfile.is_zipfile(f):
+            raise CheckpointError(
+                f"{f}: truncated or damaged ({f.stat().st_size} bytes, not a complete torch archive); {damaged_fix(path)}"
+            )
+    return meta
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -233,7 +298,9 @@ class Checkpointer:
         model and optimizer then go through a DeepSpeed universal checkpoint, but each rank's
         loader position and RNG streams have no counterpart in the new layout.
         """
-        meta = read_meta(path)
+        # A cut file or a lost shard would otherwise surface as torch's "PytorchStreamReader failed
+        # reading zip archive" or DeepSpeed's "Expected 2 ... found 1", naming neither file nor fix.
+        meta = verify_checkpoint(path, self.world_size)
         saved_world = int(meta["world_size"])
         if saved_world == self.world_size:
             load_dir, tag = path.parent, path.name
@@ -246,20 +313,34 @@ class Checkpointer:
             loaded, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+        except _LOAD_ERRORS as exc:
+            raise CheckpointError(
+                f"{load_dir / tag}: DeepSpeed could not load it ({_first_line(exc)}); {damaged_fix(path)}"
+            ) from exc
         finally:
             engine._config.load_universal_checkpoint = False
         if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {load_dir / tag}")
+            raise CheckpointError(f"{load_dir / tag}: DeepSpeed could not load it; {damaged_fix(path)}")
         rank_state = None
         if saved_world == self.world_size:
-            rank_state = torch.load(_rank_file(path, self.rank), map_location="cpu", weights_only=False)
+            rank_file = _rank_file(path, self.rank)
+            try:
+                rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            except _LOAD_ERRORS as exc:
+                raise CheckpointError(f"{rank_file}: cannot be read ({_first_line(exc)}); {damaged_fix(path)}") from exc
         return client_state or {}, rank_state
 
     def to_universal(self, path: Path) -> Path:
         """A DeepSpeed universal copy of `path` next to it (converted once, by rank 0)."""
         out = path.parent / (UNIVERSAL_PREFIX + path.name)
         if self.rank == 0 and not (out / COMPLETE_MARKER).is_file():
-            convert_to_universal(path, out)
+            try:
+                convert_to_universal(path, out)
+            except _LOAD_ERRORS as exc:
+                raise CheckpointError(
+                    f"{path}: the conversion to a universal checkpoint (world size changed) failed "
+                    f"({_first_line(exc)}); {damaged_fix(path)}"
+                ) from exc
         distributed.barrier()
         if not (out / COMPLETE_MARKER).is_file():
             raise CheckpointError(f"universal conversion of {path} did not finish ({out})")

@@ -68,10 +68,6 @@ class Trainer:
         validate_world(cfg, self.dist.world_size)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.output_dir = Path(cfg.output_dir)
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
-        distributed.barrier()
 
         # Same seed everywhere for the initial weights (DeepSpeed broadcasts rank 0's anyway),
         # then one stream per rank so dropout masks differ between ranks.
@@ -102,6 +98,11 @@ class Trainer:
         self.checkpointer = Checkpointer(self.output_dir, t.keep_checkpoints, self.rank, self.world_size)
         self._resume()
 
+        # Only a run that got this far leaves its config behind: a config refused while the
+        # model, the data or the checkpoint were set up must not look like a run.
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
         self.monitor = Monitor(self.output_dir, total_steps=t.steps, start_step=self.step, enabled=self.rank == 0)
         self.monitor.log_config(dump_yaml(cfg))
         self.meter = ThroughputMeter()
@@ -316,7 +317,9 @@ class Trainer:
                 else:
                     self.monitor.message(f"non-finite loss at step {self.step + 1} on some rank: step skipped")
                 if self.preemption.should_stop():
-                    self.monitor.message(f"preemption signal received: saving at step {self.step} and exiting")
+                    got = self.preemption.received
+                    self.monitor.message(f"preemption signal received ({got.name if got else 'on another rank'}): "
+                                         f"saving at step {self.step} and exiting")
                     self.save()
                     self._write_param_checksum()
                     self.monitor.close()

@@ -6,11 +6,18 @@ deepspeed launcher forwards SIGTERM to its ranks and SIGKILLs them 30 s later. A
 that saved right away would deadlock: saving is collective, and the other ranks may be in
 the middle of a step. So the handler only sets a flag, and the loop asks every rank once
 per step whether any rank has it (`should_stop`); all then finish that step, save and exit.
+
+Ctrl-C (SIGINT) is one more such signal: the first one stops the run the same way. It also
+makes the next SIGINT fatal at the kernel level (SIG_DFL), so a second Ctrl-C aborts at once
+without saving, even while the process is blocked inside a collective, where no Python handler
+could run. Which processes a terminal's Ctrl-C reaches depends on how the run was started
+(launch/README.md says what each way does).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -20,11 +27,11 @@ from mmscale import distributed
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionHandler:
-    """Turns SIGTERM/SIGUSR1 into a flag the ranks agree on at step boundaries."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the ranks agree on at step boundaries."""
 
     def __init__(self, signals: Iterable[signal.Signals] = DEFAULT_SIGNALS) -> None:
         self.signals = tuple(signals)
@@ -50,6 +57,12 @@ class PreemptionHandler:
         if self.received is None:
             self.received = signal.Signals(signum)
             self.received_at = time.monotonic()
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C ends the process at once
+            if os.environ.get("RANK", "0") == "0":
+                # os.write, not print: the handler may run while the main thread is inside a print.
+                os.write(2, b"\nmmscale: Ctrl-C: finishing this step, saving a checkpoint, then exiting "
+                            b"(Ctrl-C again aborts without saving)\n")
 
     @property
     def requested(self) -> bool:
