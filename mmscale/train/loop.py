@@ -270,7 +270,7 @@ class Trainer:
                 max_length=self.cfg.model.text.max_length,
                 eval_cfg=self.cfg.eval,
                 data_cfg=self.cfg.data,
-                device=self.engine.device,
+                device=self.dist.device,
                 lockstep_forwards=self.cfg.train.zero_stage == 3,
             )
         finally:
