@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say("interrupted (Ctrl-C)")
         return EXIT_INTERRUPTED
+    finally:
+        # Every command leaves the process group it joined (and, on CPU, DeepSpeed's shm buffers).
+        from mmscale import distributed
+
+        distributed.destroy()
 
 
 if __name__ == "__main__":

@@ -267,9 +267,34 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(x)
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _remove_cpu_comm_buffers() -> None:
+    """Unlink the shared-memory all-reduce buffers DeepSpeed's CPU backend made for this job.
+
+    DeepSpeed's shm comm op (CPU accelerator) names them after the rendezvous address and port and
+    never removes them: ~70 MB per file, two per job, left in /dev/shm by every CPU run. Called once
+    every rank is done with them; a mapping that is still open stays valid after the unlink.
+    """
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not os.path.isdir(SHM_DIR):
+        return
+    suffix = f"_{addr}_{port}_"
+    for name in os.listdir(SHM_DIR):
+        if name.startswith("deepspeed_allreduce_buffer_") and suffix in name:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+
+
 def destroy() -> None:
-    """Leave the process group (not a collective)."""
+    """Leave the process group (not a collective; on the CPU backend, call it on every rank at the end)."""
     global _info
     if is_initialized():
+        cpu = comm_device().type == "cpu"
         dist.destroy_process_group()
+        if cpu and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            _remove_cpu_comm_buffers()
     _info = None

@@ -3,9 +3,14 @@
     DS_ACCELERATOR=cpu .venv/bin/python tools/bench_gradcache.py [--quick] [--threads 1]
 
 Sections (a table each, all figures also written to --out as JSON):
-  memory    peak RSS of one rank at global batch 64..4096, gradient cache (chunk 32) vs the plain
-            step; every configuration runs in a fresh subprocess so peaks do not mix. Tiny towers
-            (launch/configs/tiny.yaml) keep the 4096 plain step affordable on a CPU.
+  memory    peak RSS of one rank at global batch 64..4096 with the inputs counted: 224 px images as
+            the loader delivers them (uint8; float32 beside it, as before), gradient cache (chunk 32)
+            vs the plain step (up to 1024); every configuration runs in a fresh subprocess so peaks
+            do not mix. Tiny towers (launch/configs/tiny.yaml, patch 16) keep it affordable on a CPU.
+  gradmem   gradient bytes a rank holds during a cached step (the peak over pass 2 of live tensor
+            bytes, minus what lived before the step: gradients, ZeRO's gradient buffers and one
+            chunk's activations), train.grad_reduction coalesced vs per_chunk, ZeRO 2 and 3, on
+            1 and 2 ranks (gloo), with a 20M-parameter text tower so gradients dominate.
   speed     the comparison architecture (timm vit_tiny_patch16_224 at 64 px + MiniLM-L6 text at 32
             tokens, embed 256) at batch 256: mmscale plain and cached steps (with and without
             length-grouped chunks), open_clip's plain step; once with captions of 8-32 tokens padded
@@ -94,8 +99,8 @@ def matmul_peak_gflops(threads: int, sizes: tuple[int, ...] = (512, 1024, 2048),
 # --------------------------------------------------------------------------- memory (child process)
 
 
-def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int) -> dict:
-    """One step of the tiny model at `batch` in this fresh process; report its peak RSS."""
+def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int, image_size: int, dtype: str) -> dict:
+    """One step of the tiny model at `batch` in this fresh process; report its peak RSS (inputs included)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -107,12 +112,16 @@ def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int) -> 
     from mmscale.train.gradcache import train_step
 
     cfg = load_config(ROOT / "launch/configs/tiny.yaml", [f"train.global_batch_size={batch}",
-                                                         f"train.chunk_size={chunk}"])
+                                                         f"train.chunk_size={chunk}",
+                                                         f"model.vision.image_size={image_size}",
+                                                         "model.vision.timm_kwargs.patch_size=16"])
     torch.manual_seed(0)
     engine, _, _ = build_engine(cfg, build_dual_encoder(cfg.model), 1)
     length = cfg.model.text.max_length
+    shape = (batch, 3, image_size, image_size)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8) if dtype == "uint8" else torch.randn(shape)
     inputs = {
-        "pixel_values": torch.randn(batch, 3, cfg.model.vision.image_size, cfg.model.vision.image_size),
+        "pixel_values": pixels,
         "input_ids": torch.randint(1000, 20000, (batch, length)),
         "attention_mask": torch.ones(batch, length, dtype=torch.long),
     }
@@ -120,24 +129,212 @@ def memory_child(batch: int, mode: str, chunk: int, port: int, threads: int) -> 
     t = time.perf_counter()
     out = train_step(engine, inputs, build_loss(cfg.loss), chunk, gradcache=mode == "cached")
     engine.step()
-    return {"batch": batch, "mode": mode, "rss_before_step_mb": before, "peak_rss_mb": peak_rss_mb(),
-            "step_s": time.perf_counter() - t, "loss": float(out["loss"])}
+    return {"batch": batch, "mode": mode, "dtype": dtype, "image_size": image_size,
+            "inputs_mb": pixels.numel() * pixels.element_size() / 2**20, "rss_before_step_mb": before,
+            "peak_rss_mb": peak_rss_mb(), "step_s": time.perf_counter() - t, "loss": float(out["loss"])}
 
 
-def run_memory(batches: list[int], chunk: int, threads: int) -> list[dict]:
-    """Each (batch, mode) in its own subprocess, one after the other."""
+def run_memory(batches: list[int], chunk: int, threads: int, image_size: int) -> list[dict]:
+    """Each (batch, mode, input dtype) in its own subprocess, one after the other."""
+    from mmscale.distributed import free_port
+
     results = []
-    for mode in ("cached", "plain"):
-        for i, batch in enumerate(batches):
-            port = 29600 + i + (0 if mode == "cached" else 50)
-            cmd = [sys.executable, __file__, "--_memory_child", str(batch), mode, str(chunk), str(port),
-                   "--threads", str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-            line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-            if proc.returncode or not line:
-                raise RuntimeError(f"memory child {batch} {mode} failed:\n{proc.stderr[-2000:]}")
-            results.append(json.loads(line[-1]))
-            print(f"  memory {mode:6s} batch {batch:5d}: peak {results[-1]['peak_rss_mb']:.0f} MB", flush=True)
+    runs = [("cached", "uint8", b) for b in batches] + [("cached", "float32", b) for b in batches]
+    runs += [("plain", "uint8", b) for b in batches if b <= 1024]  # the plain step at 4096 x 224 px: ~25 GB
+    for mode, dtype, batch in runs:
+        cmd = [sys.executable, __file__, "--_memory_child", str(batch), mode, str(chunk), str(free_port()),
+               str(image_size), dtype, "--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode or not line:
+            raise RuntimeError(f"memory child {batch} {mode} {dtype} failed:\n{proc.stderr[-2000:]}")
+        results.append(json.loads(line[-1]))
+        print(f"  memory {mode:6s} {dtype:7s} batch {batch:5d}: peak {results[-1]['peak_rss_mb']:.0f} MB "
+              f"(inputs {results[-1]['inputs_mb']:.0f} MB)", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- gradient bytes (child ranks)
+
+
+def peak_rss_since_reset_mb() -> float:
+    """VmHWM, the peak resident set size since the last `reset_peak_rss` (or the process start), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh from the current RSS (Linux: `5` to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+GRADMEM_OVERRIDES = ["model.text.config.hidden_size=384", "model.text.config.num_hidden_layers=8",
+                     "model.text.config.num_attention_heads=6", "model.text.config.intermediate_size=1536",
+                     "train.global_batch_size=32", "train.chunk_size=4"]  # fmt: skip
+GRADMEM_BUCKET = 5_000_000  # elements; DeepSpeed's ZeRO buckets (2e8-5e8 by default) would hide the gradients
+
+
+def _tensors_in(obj, found: list, depth: int = 0, seen: set | None = None) -> None:
+    """Every tensor reachable from `obj` through attributes, dicts, lists and tuples (a few levels deep)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 4:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+        if obj.grad is not None:
+            found.append(obj.grad)
+        return
+    if isinstance(obj, (torch.nn.Module, type)) or callable(obj) and not hasattr(obj, "__dict__"):
+        return
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("deepspeed"):
+        items = list(vars(obj).values())
+    else:
+        return
+    for item in items:
+        _tensors_in(item, found, depth + 1, seen)
+
+
+def gradient_bytes(engine) -> int:
+    """Bytes of gradient storage a rank holds now: `param.grad` of every parameter plus every tensor the
+    DeepSpeed optimizer keeps that is neither a parameter, an fp32 master nor an optimizer state
+    (its gradient partitions, reduction buckets, and the masters' `.grad`)."""
+    import torch
+
+    def storages(tensors) -> dict[int, int]:
+        out = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel():
+                out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return out
+
+    module_params = list(engine.module.parameters())
+    weights = [p.data for p in module_params] + [p.ds_tensor for p in module_params if hasattr(p, "ds_tensor")]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in inner.param_groups:
+        weights.extend(group["params"])
+    for state in inner.state.values():
+        weights.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    held: list = []
+    _tensors_in(engine.optimizer, held)
+    grads = [p.grad for p in module_params if p.grad is not None]
+    grads += [t.grad for t in held if isinstance(t, torch.Tensor) and t.grad is not None]
+    exclude = storages(weights)
+    candidates = storages(grads) | storages(held)
+    return sum(n for ptr, n in candidates.items() if ptr not in exclude)
+
+
+def gradmem_rank(rank: int, world: int, port: int, stage: int, mode: str, out: str) -> None:
+    """One rank's cached step: the gradient bytes it holds after each pass-2 backward (peak and list)."""
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from mmscale.config import load_config
+    from mmscale.losses import build_loss
+    from mmscale.models import build_dual_encoder
+    from mmscale.train.engine import build_ds_config, build_engine
+    from mmscale.train.gradcache import train_step
+
+    cfg = load_config(ROOT / "launch/configs/tiny.yaml", [*GRADMEM_OVERRIDES, f"train.zero_stage={stage}",
+                                                         f"train.grad_reduction={mode}"])
+    torch.manual_seed(0)
+    model = build_dual_encoder(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    ds = build_ds_config(cfg, world)
+    ds["zero_optimization"].update(reduce_bucket_size=GRADMEM_BUCKET, allgather_bucket_size=GRADMEM_BUCKET)
+    if stage == 3:
+        ds["zero_optimization"].update(stage3_prefetch_bucket_size=GRADMEM_BUCKET, stage3_param_persistence_threshold=0)
+    engine, _, _ = build_engine(cfg, model, world, ds_config=ds)
+    per_rank = cfg.train.global_batch_size // world
+    g = torch.Generator().manual_seed(rank)
+    batch = {"pixel_values": torch.randint(0, 256, (per_rank, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "input_ids": torch.randint(1000, 20000, (per_rank, 16), generator=g),
+             "attention_mask": torch.ones(per_rank, 16, dtype=torch.long)}
+    loss_fn = build_loss(cfg.loss)
+    peaks: list[float] = []
+    backward = engine.backward
+
+    def measured_backward(*args, **kwargs):
+        out = backward(*args, **kwargs)
+        peaks.append(gradient_bytes(engine) / 2**20)
+        return out
+
+    traffic = {"calls": 0, "mb": 0.0}
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    # Gradient reductions only (what grad_reduction changes); ZeRO-3's parameter all-gathers are the
+    # same in both modes.
+    names = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base", "reduce",
+             "all_to_all_single", "all_reduce_coalesced")
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
+
+    def counting(fn):
+        def wrapped(*args, **kwargs):
+            flat = []
+            for a in (*args, *kwargs.values()):
+                flat.extend(a if isinstance(a, (list, tuple)) else [a])
+            sizes = [t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)]
+            traffic["calls"] += 1
+            traffic["mb"] += max(max(sizes, default=0), sum(sizes) // 2 if len(sizes) > 2 else 0) / 2**20
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for _ in range(2):  # the second step: ZeRO's lazily made buffers exist, as in every later step
+        peaks.clear()
+        traffic.update(calls=0, mb=0.0)
+        engine.backward = measured_backward
+        for name, fn in originals.items():
+            setattr(dist, name, counting(fn))
+        # DeepSpeed's comm backend keeps its own reference to reduce_scatter_tensor (ZeRO-3's path).
+        cdb = deepspeed.comm.comm.cdb
+        scatter = cdb.reduce_scatter_function
+        cdb.reduce_scatter_function = counting(scatter)
+        train_step(engine, batch, loss_fn, cfg.train.chunk_size, grad_reduction=mode)
+        cdb.reduce_scatter_function = scatter
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        engine.backward = backward
+        after = gradient_bytes(engine) / 2**20  # what the optimizer step reads
+        engine.step()
+    if rank == 0:
+        Path(out).write_text(json.dumps({"stage": stage, "mode": mode, "world": world, "params": params,
+                                         "fp32_grad_mb": params * 4 / 2**20, "peak_step_mb": max(peaks),
+                                         "after_each_backward_mb": peaks, "after_reduction_mb": after,
+                                         "collectives": traffic["calls"], "communicated_mb": traffic["mb"],
+                                         "chunks": per_rank // cfg.train.chunk_size}))
+
+
+def run_gradmem(threads: int) -> list[dict]:
+    """Every (stage, mode, world) in a fresh spawn."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from mmscale.distributed import free_port
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in (2, 3):
+            for mode in ("coalesced", "per_chunk"):
+                for world in (1, 2):
+                    out = str(Path(tmp) / f"{stage}_{mode}_{world}.json")
+                    mp.spawn(gradmem_rank, args=(world, free_port(), stage, mode, out), nprocs=world, join=True)
+                    results.append(json.loads(Path(out).read_text()))
+                    r = results[-1]
+                    print(f"  gradmem ZeRO-{stage} {mode:9s} W={world}: peak {r['peak_step_mb']:.1f} MB "
+                          f"(fp32 gradient of the model: {r['fp32_grad_mb']:.1f} MB), {r['collectives']} collectives, "
+                          f"{r['communicated_mb']:.0f} MB", flush=True)
     return results
 
 
@@ -353,13 +550,16 @@ def main() -> None:
     parser.add_argument("--speed_steps", default="", help="comma-separated subset of the batch-256 steps (default all)")
     parser.add_argument("--accum_batch", type=int, default=None, help="default 1024 (256 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "gradcache.json"))
-    parser.add_argument("--_memory_child", nargs=4, metavar=("BATCH", "MODE", "CHUNK", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--image_size", type=int, default=224, help="image side of the memory section")
+    parser.add_argument("--skip_gradmem", action="store_true", help="skip the gradient-bytes section")
+    parser.add_argument("--_memory_child", nargs=6, metavar=("BATCH", "MODE", "CHUNK", "PORT", "SIZE", "DTYPE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     if args._memory_child:
-        batch, mode, chunk, port = args._memory_child
-        print(json.dumps(memory_child(int(batch), mode, int(chunk), int(port), args.threads)))
+        batch, mode, chunk, port, size, dtype = args._memory_child
+        print(json.dumps(memory_child(int(batch), mode, int(chunk), int(port), args.threads, int(size), dtype)))
         return
 
     import torch
@@ -377,15 +577,30 @@ def main() -> None:
     memory_ratio = float("nan")
     if not args.skip_memory:
         batches = [64, 1024] if args.quick else [64, 256, 1024, 4096]
-        mem = run_memory(batches, args.chunk, args.threads)
+        mem = run_memory(batches, args.chunk, args.threads, args.image_size)
         report["memory"] = mem
-        by = {(m["mode"], m["batch"]): m for m in mem}
-        rows = [[b, by["cached", b]["peak_rss_mb"], by["plain", b]["peak_rss_mb"],
-                 by["cached", b]["peak_rss_mb"] / by["cached", batches[0]]["peak_rss_mb"],
-                 by["plain", b]["peak_rss_mb"] / by["plain", batches[0]]["peak_rss_mb"]] for b in batches]
-        table(f"peak RSS per rank (MB), tiny towers, chunk {args.chunk}",
-              ["batch", "cached", "plain", "cached/cached@min", "plain/plain@min"], rows)
+        by = {(m["mode"], m["dtype"], m["batch"]): m for m in mem}
+        first = batches[0]
+
+        def peak(mode: str, dtype: str, b: int) -> float:
+            return by[mode, dtype, b]["peak_rss_mb"] if (mode, dtype, b) in by else float("nan")
+
+        rows = [[b, by["cached", "uint8", b]["inputs_mb"], peak("cached", "uint8", b),
+                 peak("cached", "uint8", b) / peak("cached", "uint8", first), peak("cached", "float32", b),
+                 peak("cached", "float32", b) / peak("cached", "float32", first), peak("plain", "uint8", b)]
+                for b in batches]  # fmt: skip
+        table(f"peak RSS per rank (MB) with the inputs counted, {args.image_size} px, tiny towers, chunk {args.chunk}",
+              ["batch", "uint8 inputs", "cached uint8", "ratio", "cached float32", "ratio", "plain uint8"], rows)
         report["memory_ratio_cached_max_over_min"] = memory_ratio = rows[-1][3]
+        report["memory_ratio_cached_float32_max_over_min"] = rows[-1][5]
+    if not args.skip_gradmem and not args.quick:
+        grad = run_gradmem(args.threads)
+        report["gradmem"] = grad
+        rows = [[f"ZeRO-{r['stage']}", r["mode"], r["world"], r["chunks"], r["fp32_grad_mb"], r["peak_step_mb"],
+                 r["collectives"], r["communicated_mb"]] for r in grad]
+        table("gradient bytes per rank during a cached step (MB, peak over pass 2) and the step's collectives",
+              ["stage", "grad_reduction", "ranks", "chunks/rank", "model fp32 gradient", "gradient held",
+               "collectives", "MB sent"], rows)
     if args.memory_only:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
