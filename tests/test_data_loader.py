@@ -145,6 +145,19 @@ def test_state_from_another_layout_is_refused(tmp_path):
         loader_for(tmp_path, rank=0, world_size=2, seed=5).load_state_dict(state)
 
 
+def test_a_state_from_before_the_fixed_batch_order_restarts_its_epoch(tmp_path, caplog):
+    make_shards(tmp_path, [6, 6, 6])
+    loader = loader_for(tmp_path)
+    old = {"version": 1, "epoch": 1, "batches_done": 2, "positions": {"0": [0, 9]}, "bad_samples": {"missing_image": 3}}
+    with caplog.at_level("WARNING", logger="mmscale.data"):
+        loader.load_state_dict(old)
+    assert "restarts at the beginning of epoch 1" in caplog.text
+    assert loader.epoch == 1 and loader.batches_done == 0 and loader.bad_samples == {"missing_image": 3}
+    uninterrupted = loader_for(tmp_path)
+    list(uninterrupted)  # epoch 0
+    assert epoch_keys(loader) == epoch_keys(uninterrupted)  # epoch 1, from its first batch
+
+
 def test_bad_samples_reach_the_main_process_from_workers(tmp_path):
     from tests.test_data_resume import cut_after
 

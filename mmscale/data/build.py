@@ -45,7 +45,10 @@ def train_sample_counts(
 
     `cache` (the run's `shard_counts.json`) keeps them: counted once, reused on restart and resume.
     """
-    counts = cached_sample_counts(urls, cache, scan=mode == "epoch", retries=retries)
+    # Resampled mode needs no counts (they only let a damaged shard's losses be counted): no scan,
+    # and no request per remote shard.
+    epoch = mode == "epoch"
+    counts = cached_sample_counts(urls, cache, scan=epoch, retries=retries, remote_sidecars=epoch)
     missing = [u for u, c in counts.items() if c is None]
     if mode == "epoch" and missing:
         raise ValueError(_no_counts_message(missing, len(urls)))

@@ -172,10 +172,13 @@ def _fetch_all(urls: Iterable[str]) -> dict[str, bytes | None]:
     return fetched
 
 
-def shard_sample_counts(urls: Iterable[str], scan: bool = True, retries: int = 3) -> dict[str, int | None]:
+def shard_sample_counts(
+    urls: Iterable[str], scan: bool = True, retries: int = 3, remote_sidecars: bool = True
+) -> dict[str, int | None]:
     """Samples per shard url: `stats.json` beside it, then img2dataset stats, then (local, if `scan`) a header scan.
 
     Remote manifests are fetched through the shards' opener; a remote shard without one maps to None.
+    `remote_sidecars=False` skips the per-shard img2dataset files of remote shards (one request each).
     """
     urls = list(urls)
     where = {u: manifest_locations(u) for u in urls}
@@ -185,8 +188,12 @@ def shard_sample_counts(urls: Iterable[str], scan: bool = True, retries: int = 3
     for url in urls:
         stats, _, name = where[url]
         counts[url] = manifests.get(stats, {}).get(name) if stats else None
-    missing = [u for u in urls if counts[u] is None and where[u][1]]
+    missing = [u for u in urls if counts[u] is None and where[u][1] and (remote_sidecars or is_local(u))]
     if missing:
+        remote = sum(not is_local(u) for u in missing)
+        if remote > 100:
+            log.info("fetching the img2dataset *_stats.json of %d remote shards (%d at a time); a stats.json "
+                     "beside them would take one request", remote, _FETCH_THREADS)
         fetched = _fetch_all(where[u][1] for u in missing)
         for url in missing:
             counts[url] = _img2dataset_count(fetched.get(where[url][1]))
@@ -198,7 +205,7 @@ def shard_sample_counts(urls: Iterable[str], scan: bool = True, retries: int = 3
 
 
 def cached_sample_counts(urls: Iterable[str], cache: str | os.PathLike | None, *, scan: bool = True,
-                         retries: int = 3) -> dict[str, int | None]:
+                         retries: int = 3, remote_sidecars: bool = True) -> dict[str, int | None]:
     """`shard_sample_counts`, kept in `cache` (a run's `shard_counts.json`): counted once, reused on restart and resume.
 
     Only urls the cache lacks are counted (a changed `data.train` adds its new shards); the counts
@@ -216,7 +223,7 @@ def cached_sample_counts(urls: Iterable[str], cache: str | os.PathLike | None, *
     todo = [u for u in urls if u not in known]
     counts: dict[str, int | None] = {u: known[u] for u in urls if u in known}
     if todo:
-        counts.update(shard_sample_counts(todo, scan=scan, retries=retries))
+        counts.update(shard_sample_counts(todo, scan=scan, retries=retries, remote_sidecars=remote_sidecars))
         new = {u: c for u, c in counts.items() if c is not None and u not in known}
         if path is not None and new:
             path.parent.mkdir(parents=True, exist_ok=True)
