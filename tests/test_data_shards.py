@@ -367,3 +367,42 @@ def test_image_keys_pick_the_first_extension_present(tmp_path):
 
     assert first_pixel("png;jpg") == [0, 0, 255]  # uint8 pixels: normalising is the model's job
     assert first_pixel("jpg;png")[0] >= 250
+
+
+def _two_rank_counts(rank: int, port: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mmscale.config import DataConfig
+    from mmscale.data import build_train_loader
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result: dict = {}
+        kwargs = dict(batch_size=2, rank=rank, world_size=2, seed=0, preprocess=ImagePreprocess(8, MEAN, STD),
+                      tokenizer=ids_tokenizer, max_length=8)
+        cache = Path(root) / "run" / "shard_counts.json"
+        if rank == 1:  # only rank 0 may count: a scan here would fail the test
+            manifest_mod.scan_tar = lambda url: (_ for _ in ()).throw(AssertionError(f"rank 1 scanned {url}"))
+        loader = build_train_loader(DataConfig(train=f"{root}/shards", workers=0), counts_cache=cache, **kwargs)
+        result["sizes"] = loader.rank_samples()
+        try:  # a remote set without a manifest: refused on rank 0, and the same error on every rank
+            build_train_loader(DataConfig(train=f"pipe:cat {root}/shards/{{00000..00003}}.tar", workers=0), **kwargs)
+        except ValueError as exc:
+            result["error"] = str(exc)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_counts_once_for_all_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mmscale.distributed import free_port
+
+    make_shards(tmp_path / "shards", [3, 5, 4, 6])  # no manifest: rank 0 scans the local shards, once
+    mp.spawn(_two_rank_counts, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] and results[0]["sizes"] == [9, 9]
+    assert "4 of 4 shards have none" in results[0]["error"]
+    cached = json.loads((tmp_path / "run" / "shard_counts.json").read_text())["counts"]
+    assert sorted(cached.values()) == [3, 4, 5, 6]
