@@ -27,14 +27,15 @@ def epoch_keys(loader) -> list[str]:
     return [k for batch in loader for k in batch["key"]]
 
 
-def test_batches_have_the_documented_shapes(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_have_the_documented_shapes(tmp_path, workers):
     make_shards(tmp_path, [7, 5])
-    batch = next(iter(loader_for(tmp_path, workers=0)))
-    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (B, 3, 8, 8)
+    batch = next(iter(loader_for(tmp_path, workers=workers)))
+    # uint8 pixels, a quarter of float32's bytes in shared memory; the model normalises them on its device.
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (B, 3, 8, 8)
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape == (B, 8)
     assert batch["attention_mask"].dtype == torch.long and batch["attention_mask"].shape == (B, 8)
     assert len(batch["key"]) == len(batch["text"]) == B and batch["text"][0] == f"a photo of {batch['key'][0]}"
-    assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0  # (x/255 - 0.5) / 0.5
     assert set(batch) == {"image", "input_ids", "attention_mask", "key", "text"}
 
 
@@ -109,35 +110,6 @@ def test_same_seed_gives_the_same_pixels(tmp_path):
     assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_yields_exactly_the_remaining_samples(tmp_path, workers):
-    make_shards(tmp_path, [10, 7, 13, 5, 9, 6])
-    full = loader_for(tmp_path, workers=workers)
-    uninterrupted = list(full)
-    images = {k: b["image"][i] for b in uninterrupted for i, k in enumerate(b["key"])}
-
-    first = loader_for(tmp_path, workers=workers)
-    it = iter(first)
-    head = [next(it) for _ in range(3)]
-    state = first.state_dict()
-    assert state["epoch"] == 0 and state["batches_done"] == 3
-
-    resumed = loader_for(tmp_path, workers=workers)
-    resumed.load_state_dict(state)
-    tail = list(resumed)
-    head_keys = [k for b in head for k in b["key"]]
-    tail_keys = [k for b in tail for k in b["key"]]
-    assert len(head) + len(tail) == full.batches_per_epoch
-    assert not set(head_keys) & set(tail_keys)
-    assert sorted(head_keys + tail_keys) == sorted(k for b in uninterrupted for k in b["key"])
-    if workers == 0:  # one stream: the very same batches, in order
-        assert tail_keys == [k for b in uninterrupted[3:] for k in b["key"]]
-    for b in tail:  # per-sample crop seeds: the same pixels as without the interruption
-        for i, k in enumerate(b["key"]):
-            assert torch.equal(b["image"][i], images[k])
-    assert resumed.epoch == 1 and resumed.state_dict()["epoch"] == 1
-
-
 def test_resume_skips_consumed_samples_without_decoding_them(tmp_path, monkeypatch):
     make_shards(tmp_path, [12, 12])
     decoded = []
@@ -161,7 +133,7 @@ def test_state_after_a_full_epoch_points_at_the_next_epoch(tmp_path):
     loader = loader_for(tmp_path)
     list(loader)
     state = loader.state_dict()
-    assert state["epoch"] == 1 and state["batches_done"] == 0 and state["positions"] == {}
+    assert state["epoch"] == 1 and state["batches_done"] == 0 and state["progress"] is None
 
 
 def test_state_from_another_layout_is_refused(tmp_path):
@@ -173,15 +145,56 @@ def test_state_from_another_layout_is_refused(tmp_path):
         loader_for(tmp_path, rank=0, world_size=2, seed=5).load_state_dict(state)
 
 
+def test_a_state_from_before_the_fixed_batch_order_restarts_its_epoch(tmp_path, caplog):
+    make_shards(tmp_path, [6, 6, 6])
+    loader = loader_for(tmp_path)
+    old = {"version": 1, "epoch": 1, "batches_done": 2, "positions": {"0": [0, 9]}, "bad_samples": {"missing_image": 3}}
+    with caplog.at_level("WARNING", logger="mmscale.data"):
+        loader.load_state_dict(old)
+    assert "restarts at the beginning of epoch 1" in caplog.text
+    assert loader.epoch == 1 and loader.batches_done == 0 and loader.bad_samples == {"missing_image": 3}
+    uninterrupted = loader_for(tmp_path)
+    list(uninterrupted)  # epoch 0
+    assert epoch_keys(loader) == epoch_keys(uninterrupted)  # epoch 1, from its first batch
+
+
 def test_bad_samples_reach_the_main_process_from_workers(tmp_path):
-    make_shards(tmp_path, [6, 6])
-    with open(tmp_path / "00001.tar", "r+b") as f:  # cut shard 1 short: a truncated tar in a worker
-        f.truncate(3000)
+    from tests.test_data_resume import cut_after
+
+    paths = make_shards(tmp_path, [6, 6])
+    cut_after(paths[1], 2)  # a truncated tar in a worker
     loader = loader_for(tmp_path, workers=2, remainder="pad")
+    assert loader.rank_samples() == [8]  # the header scan counts what can be read
     list(loader)
-    assert loader.bad_samples["truncated_tar"] == 1
-    state = loader.state_dict()
-    assert state["bad_samples"]["truncated_tar"] == 1
+    # The count agreed with the data: nothing lost, one damaged shard.
+    assert loader.bad_shards == {"truncated_tar": 1} and loader.bad_samples == {} and loader.padded_samples == 4
+    assert loader.state_dict()["issues"] == {"samples": {}, "shards": {"truncated_tar": 1}}
+
+
+def test_a_truncated_shard_costs_its_lost_samples_and_the_repeats_are_counted(tmp_path, caplog):
+    """Two shards the manifest says hold 20 each, the second cut after 11: 9 samples lost, 9 repeats."""
+    from tests.test_data_resume import cut_after
+    from tests.test_data_shards import write_manifest
+
+    paths = make_shards(tmp_path, [20, 20])
+    write_manifest(tmp_path, paths)
+    cut_after(paths[1], 11)
+    loader = loader_for(tmp_path, workers=2, batch_size=4, shuffle_buffer=4)
+    assert loader.batches_per_epoch == 10  # planned from the manifest: 40 samples
+    with caplog.at_level("INFO", logger="mmscale.data"):
+        for _ in range(2):  # two epochs
+            batches = list(loader)
+            assert len(batches) == 10 and all(len(b["key"]) == 4 for b in batches)
+            keys = [k for b in batches for k in b["key"]]
+            assert len(set(keys)) == 31  # every sample that exists, once, plus 9 repeats
+            assert all(len(set(b["key"])) == 4 for b in batches)  # no sample twice within a batch
+    assert loader.bad_samples == {"truncated_tar": 18}  # 9 per epoch: samples, not reads
+    assert loader.bad_shards == {"truncated_tar": 1 * 2}
+    assert loader.padded_samples == 18
+    damaged = [r for r in caplog.records if paths[1] in r.getMessage()]
+    assert len(damaged) == 1 and "9 samples lost" in damaged[0].getMessage()  # once, naming the shard
+    padding = [r.getMessage() for r in caplog.records if "repeated samples" in r.getMessage()]
+    assert len(padding) == 2 and "padding with 9 repeated samples" in padding[0] and "truncated_tar" in padding[0]
 
 
 def test_eval_loader_reads_every_sample_once_in_a_fixed_order(tmp_path):
@@ -195,6 +208,43 @@ def test_eval_loader_reads_every_sample_once_in_a_fixed_order(tmp_path):
         assert a == b
         seen += [k for keys in a for k in keys]
     assert len(seen) == len(set(seen)) and set(seen) == all_keys(paths)
+
+
+@pytest.mark.parametrize(("sizes", "world_size"), [([9], 2), ([5, 7, 4], 4)])
+def test_eval_with_fewer_shards_than_ranks_splits_by_sample(tmp_path, caplog, sizes, world_size):
+    paths = make_shards(tmp_path, sizes)
+    per_rank = []
+    with caplog.at_level("INFO", logger="mmscale.data"):
+        for _ in range(2):  # two evaluations
+            per_rank = []
+            for rank in range(world_size):
+                loader = build_eval_loader(str(tmp_path), batch_size=4, rank=rank, world_size=world_size,
+                                           preprocess=ImagePreprocess(8, MEAN, STD), tokenizer=ids_tokenizer,
+                                           max_length=8, workers=2)
+                per_rank.append([k for b in loader for k in b["key"]])
+    seen = [k for keys in per_rank for k in keys]
+    assert len(seen) == len(set(seen)) and set(seen) == all_keys(paths)  # every sample exactly once overall
+    assert all(per_rank) and max(map(len, per_rank)) - min(map(len, per_rank)) <= len(sizes)
+    said = [r for r in caplog.records if "shards for" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO" and "no samples" not in said[0].getMessage()
+
+
+def test_eval_split_by_sample_counts_a_damaged_shard_once(tmp_path):
+    from tests.test_data_resume import cut_after
+    from tests.test_data_shards import write_manifest
+
+    paths = make_shards(tmp_path, [12])
+    write_manifest(tmp_path, paths)
+    cut_after(paths[0], 7)
+    shards, samples, keys = Counter(), Counter(), []
+    for rank in range(3):
+        loader = build_eval_loader(str(tmp_path), batch_size=4, rank=rank, world_size=3,
+                                   preprocess=ImagePreprocess(8, MEAN, STD), tokenizer=ids_tokenizer, max_length=8)
+        keys += [k for b in loader for k in b["key"]]
+        shards.update(loader.bad_shards)
+        samples.update(loader.bad_samples)
+    assert len(keys) == len(set(keys)) == 7
+    assert shards == {"truncated_tar": 1} and samples == {"truncated_tar": 5}  # summed over ranks: once
 
 
 def test_real_fast_tokenizer_pads_and_truncates(tmp_path):

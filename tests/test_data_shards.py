@@ -5,6 +5,7 @@ Also holds the tiny shard writers the other `test_data_*` files import.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from PIL import Image
 from mmscale.config import ImagePreprocess
 from mmscale.data import build_eval_loader, expand_urls, parse_sources, shard_sample_counts
 from mmscale.data import manifest as manifest_mod
-from mmscale.data.shards import read_shard
+from mmscale.data.shards import DataIssues, ShardReader
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -122,7 +123,23 @@ def test_counts_come_from_stats_json_manifest(tmp_path, monkeypatch):
 def test_counts_by_header_scan_when_no_manifest(tmp_path):
     paths = make_shards(tmp_path, [4, 0, 7])
     assert list(shard_sample_counts(paths).values()) == [4, 0, 7]
-    assert shard_sample_counts([f"pipe:cat {paths[2]}"]) == {f"pipe:cat {paths[2]}": 7}
+    # A damaged shard counts what the loader will read of it: the samples before the damage.
+    trunc = _truncated_shard(tmp_path / "00003.tar")
+    assert shard_sample_counts([trunc]) == {trunc: 2} == {trunc: len(_read([trunc])[0])}
+
+
+def test_remote_counts_come_from_the_manifest_beside_them_never_from_the_shards(tmp_path, monkeypatch):
+    paths = make_shards(tmp_path, [4, 7])
+    piped = [f"pipe:cat {p}" for p in paths]
+    monkeypatch.setattr(manifest_mod, "scan_tar", lambda url: pytest.fail(f"scanned {url}"))
+    assert shard_sample_counts(piped) == {piped[0]: None, piped[1]: None}  # no manifest: unknown, not downloaded
+    (tmp_path / "stats.json").write_text(json.dumps({"shards": [{"name": "00000.tar", "samples": 4}]}))
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 7}))  # img2dataset's, for the other
+    assert shard_sample_counts(piped) == {piped[0]: 4, piped[1]: 7}
+    assert manifest_mod.manifest_locations("pipe:aws s3 cp s3://b/d/00012.tar -") == (
+        "pipe:aws s3 cp s3://b/d/stats.json -", "pipe:aws s3 cp s3://b/d/00012_stats.json -", "00012.tar")
+    assert manifest_mod.manifest_locations("https://h/d/00012.tar?sig=1") == (
+        "https://h/d/stats.json", "https://h/d/00012_stats.json", "00012.tar")
 
 
 # --------------------------------------------------------------------------- raw reading and bad samples
@@ -141,22 +158,40 @@ def _truncated_shard(path: Path) -> str:
     return str(path)
 
 
-def test_truncated_tar_delivers_samples_before_the_damage(tmp_path):
+def _read(urls: list[str], counts: dict[str, int] | None = None, retries: int = 2) -> tuple[list[str], DataIssues]:
+    issues = DataIssues()
+    reader = ShardReader(urls, issues, counts=counts or {}, retries=retries, retry_delay=0)
+    return [s["__key__"] for _, s in reader], issues
+
+
+def test_truncated_tar_delivers_samples_before_the_damage_and_counts_the_rest_lost(tmp_path):
     url = _truncated_shard(tmp_path / "t.tar")
-    bad: Counter = Counter()
-    keys = [s["__key__"] for s in read_shard(url, bad, retries=3, retry_delay=0)]
+    keys, issues = _read([url], {url: 4})
     assert keys == ["trunc0000", "trunc0001"]
-    assert bad == {"truncated_tar": 1}
+    # The manifest promised 4: two samples lost, one damaged shard, one line naming it.
+    assert issues.samples == {"truncated_tar": 2} and issues.shards == {"truncated_tar": 1}
+    [(where, note)] = issues.notes
+    assert where == url and url in note and "2 samples lost" in note and "after 2 samples" in note
+    # Without a count the loss is not guessed: the shard is counted, the samples are not.
+    keys, issues = _read([url])
+    assert keys == ["trunc0000", "trunc0001"] and issues.samples == {} and issues.shards == {"truncated_tar": 1}
 
 
 def test_unreachable_shard_is_retried_then_counted(tmp_path):
-    bad: Counter = Counter()
-    assert list(read_shard(str(tmp_path / "missing.tar"), bad, retries=2, retry_delay=0)) == []
-    assert list(read_shard(f"pipe:cat {tmp_path / 'missing.tar'}", bad, retries=2, retry_delay=0)) == []
-    assert bad == {"unreachable_shard": 2}
+    missing, piped = str(tmp_path / "missing.tar"), f"pipe:cat {tmp_path / 'missing.tar'}"
+    keys, issues = _read([missing, piped], {missing: 5, piped: 3})
+    assert keys == [] and issues.shards == {"unreachable_shard": 2} and issues.samples == {"unreachable_shard": 8}
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar archive" * 100)
-    assert list(read_shard(str(tmp_path / "garbage.tar"), bad, retries=1, retry_delay=0)) == []
-    assert bad["unreadable_tar"] == 1
+    keys, issues = _read([str(tmp_path / "garbage.tar")], retries=1)
+    assert keys == [] and issues.shards == {"unreadable_tar": 1}
+
+
+def test_a_manifest_that_disagrees_with_a_complete_shard_is_noted(tmp_path):
+    paths = make_shards(tmp_path, [3, 4])
+    keys, issues = _read(paths, {paths[0]: 5, paths[1]: 2})
+    assert len(keys) == 7  # every sample is read all the same
+    assert issues.shards == {"manifest_mismatch": 2} and issues.samples == {"manifest_mismatch": 2}
+    assert [u for u, _ in issues.notes] == paths and "holds 3 samples but its manifest says 5" in issues.notes[0][1]
 
 
 def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
@@ -179,11 +214,22 @@ def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
     )
     keys = [k for batch in loader for k in batch["key"]]
     assert keys == ["000000000", "000000001", "000000007", "trunc0000", "trunc0001"]
-    assert loader.bad_samples == {
-        "empty_caption": 1, "missing_caption": 1, "missing_image": 1, "too_many_pixels": 1,
-        "truncated_tar": 1, "undecodable_image": 1, "unreachable_shard": 1,
-    }
+    sample_reasons = {"empty_caption": 1, "missing_caption": 1, "missing_image": 1, "too_many_pixels": 1,
+                      "undecodable_image": 1}
+    assert loader.bad_samples == sample_reasons  # no manifest: what the broken shards lost is not known
+    assert loader.bad_shards == {"truncated_tar": 1, "unreachable_shard": 1}
     assert os.path.exists(shard) and os.path.exists(trunc) and not os.path.exists(missing)
+
+    # With a manifest the lost samples are counted as samples, by reason.
+    (tmp_path / "stats.json").write_text(json.dumps({"shards": [
+        {"name": "00000.tar", "samples": 8}, {"name": "00001.tar", "samples": 4}, {"name": "00002.tar", "samples": 6}]}))
+    loader = build_eval_loader(
+        f"{tmp_path}/{{00000..00002}}.tar", batch_size=4, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
+        tokenizer=ids_tokenizer, max_length=8, workers=0, max_pixels=40 * 40, shard_retries=2, shard_retry_delay=0,
+    )
+    assert [k for batch in loader for k in batch["key"]] == keys
+    assert loader.bad_samples == {**sample_reasons, "truncated_tar": 2, "unreachable_shard": 6}
+    assert loader.bad_shards == {"truncated_tar": 1, "unreachable_shard": 1}
 
 
 def test_pipe_cat_reads_like_a_file(tmp_path):
@@ -223,7 +269,9 @@ def test_img2dataset_layout(tmp_path, monkeypatch):
     assert len(batch["key"][0]) == 9
 
 
-def test_http_shards_through_the_webdataset_opener(tmp_path):
+@contextlib.contextmanager
+def serve(directory: Path):
+    """A loopback http server over `directory`; yields (base url, Counter of GET requests per path)."""
     import functools
     import shutil
     import threading
@@ -231,23 +279,75 @@ def test_http_shards_through_the_webdataset_opener(tmp_path):
 
     if shutil.which("curl") is None:
         pytest.skip("webdataset opens http(s) urls with curl, which is not installed")
-    make_shards(tmp_path, [3, 2])
+    hits: Counter = Counter()
 
-    class Quiet(SimpleHTTPRequestHandler):
+    class Counting(SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server hook
+            hits[self.path] += 1
+            super().do_GET()
+
         def log_message(self, *args):  # keep pytest output clean
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        urls = f"http://127.0.0.1:{server.server_port}/{{00000..00001}}.tar"
-        assert list(shard_sample_counts(expand_urls(urls)).values()) == [3, 2]
-        loader = build_eval_loader(urls, batch_size=8, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
-                                   tokenizer=ids_tokenizer, max_length=8, workers=0)
-        assert [k for b in loader for k in b["key"]] == [f"00000{j:04d}" for j in range(3)] + ["000010000",
-                                                                                            "000010001"]
+        yield f"http://127.0.0.1:{server.server_port}", hits
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def write_manifest(root: Path, paths: list[str]) -> None:
+    """A stats.json with each shard's sample count, as tools/make_shards.py writes it."""
+    shards = [{"name": os.path.basename(p), "samples": len(all_keys([p]))} for p in paths]
+    (Path(root) / "stats.json").write_text(json.dumps({"shards": shards}))
+
+
+def test_remote_shards_are_counted_from_their_manifest_not_downloaded(tmp_path):
+    from mmscale.config import DataConfig
+    from mmscale.data import build_train_loader
+
+    paths = make_shards(tmp_path / "shards", [5, 7, 6, 6])
+    write_manifest(tmp_path / "shards", paths)
+    cache = tmp_path / "run" / "shard_counts.json"
+
+    def train_loader(urls: str, counts_cache=cache):
+        cfg = DataConfig(train=urls, workers=2, shuffle_buffer=4)
+        return build_train_loader(cfg, batch_size=4, rank=0, world_size=1, seed=0,
+                                  preprocess=ImagePreprocess(8, MEAN, STD), tokenizer=ids_tokenizer, max_length=8,
+                                  counts_cache=counts_cache)
+
+    with serve(tmp_path / "shards") as (base, hits):
+        urls = f"{base}/{{00000..00003}}.tar"
+        loader = train_loader(urls)
+        assert loader.rank_samples() == [24]
+        assert hits == {"/stats.json": 1}  # one manifest request for the directory, no shard opened to count
+        keys = [k for batch in loader for k in batch["key"]]
+        assert sorted(keys) == sorted(all_keys(paths))
+        assert {p: n for p, n in hits.items() if p.endswith(".tar")} == {f"/{os.path.basename(p)}": 1 for p in paths}
+
+        # A restart into the same output_dir reuses the run's counts: no request at all.
+        hits.clear()
+        assert train_loader(urls).rank_samples() == [24] and hits == {}
+
+        # `pipe:` commands: the manifest is the same command with the shard's name replaced.
+        hits.clear()
+        piped = train_loader(f"pipe:curl -s -f {base}/{{00000..00003}}.tar", counts_cache=None)
+        assert piped.rank_samples() == [24] and hits == {"/stats.json": 1}
+
+        # No manifest: refused with the fix, still without downloading a shard.
+        (tmp_path / "shards" / "stats.json").unlink()
+        hits.clear()
+        with pytest.raises(ValueError, match=r"4 of 4 shards have none.*inspect_shards.py SHARD_DIR --write-manifest"
+                                             r".*data.mode=resampled"):
+            train_loader(urls, counts_cache=None)
+        assert not any(p.endswith(".tar") for p in hits)
+
+        # Evaluation reads http shards through the same opener, in order.
+        loader = build_eval_loader(urls, batch_size=8, rank=0, world_size=1, preprocess=ImagePreprocess(8, MEAN, STD),
+                                   tokenizer=ids_tokenizer, max_length=8, workers=0)
+        assert [k for b in loader for k in b["key"]] == sorted(all_keys(paths))
 
 
 def test_image_keys_pick_the_first_extension_present(tmp_path):
@@ -265,5 +365,44 @@ def test_image_keys_pick_the_first_extension_present(tmp_path):
                                    image_keys=image_keys)
         return [round(v) for v in next(iter(loader))["image"][0, :, 4, 4].tolist()]
 
-    assert first_pixel("png;jpg") == [0, 0, 1]
-    assert first_pixel("jpg;png")[0] == 1
+    assert first_pixel("png;jpg") == [0, 0, 255]  # uint8 pixels: normalising is the model's job
+    assert first_pixel("jpg;png")[0] >= 250
+
+
+def _two_rank_counts(rank: int, port: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mmscale.config import DataConfig
+    from mmscale.data import build_train_loader
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result: dict = {}
+        kwargs = dict(batch_size=2, rank=rank, world_size=2, seed=0, preprocess=ImagePreprocess(8, MEAN, STD),
+                      tokenizer=ids_tokenizer, max_length=8)
+        cache = Path(root) / "run" / "shard_counts.json"
+        if rank == 1:  # only rank 0 may count: a scan here would fail the test
+            manifest_mod.scan_tar = lambda url: (_ for _ in ()).throw(AssertionError(f"rank 1 scanned {url}"))
+        loader = build_train_loader(DataConfig(train=f"{root}/shards", workers=0), counts_cache=cache, **kwargs)
+        result["sizes"] = loader.rank_samples()
+        try:  # a remote set without a manifest: refused on rank 0, and the same error on every rank
+            build_train_loader(DataConfig(train=f"pipe:cat {root}/shards/{{00000..00003}}.tar", workers=0), **kwargs)
+        except ValueError as exc:
+            result["error"] = str(exc)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_counts_once_for_all_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mmscale.distributed import free_port
+
+    make_shards(tmp_path / "shards", [3, 5, 4, 6])  # no manifest: rank 0 scans the local shards, once
+    mp.spawn(_two_rank_counts, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] and results[0]["sizes"] == [9, 9]
+    assert "4 of 4 shards have none" in results[0]["error"]
+    cached = json.loads((tmp_path / "run" / "shard_counts.json").read_text())["counts"]
+    assert sorted(cached.values()) == [3, 4, 5, 6]

@@ -222,3 +222,29 @@ def test_not_a_tar_and_full_decode(tmp_path):
     assert report["issue_counts"] == {"corrupt_tar": 2}  # the cut JPEG's header alone looks fine
     report = inspect_shards(str(tmp_path / "cutjpeg.tar"), decode=True)
     assert report["issue_counts"] == {"bad_image": 1}
+
+
+def test_write_manifest_gives_the_loader_its_counts(tmp_path, capsys):
+    from mmscale.data import shard_sample_counts
+    from tests.test_data_resume import cut_after
+    from tests.test_data_shards import make_shards
+
+    paths = make_shards(tmp_path, [5, 7, 4])
+    cut_after(paths[1], 3)
+    assert main([str(tmp_path), "--write-manifest"]) == 0
+    manifest = json.loads((tmp_path / "stats.json").read_text())
+    assert [(s["name"], s["samples"]) for s in manifest["shards"]] == [("00000.tar", 5), ("00001.tar", 3), ("00002.tar", 4)]
+    assert manifest["total_samples"] == 12 and "wrote" in capsys.readouterr().out
+    assert list(shard_sample_counts(paths, scan=False).values()) == [5, 3, 4]  # what the loader reads of each
+
+    # An existing manifest is not replaced unasked; with --force it is updated, other entries kept, a backup made.
+    manifest["shards"].append({"name": "elsewhere.tar", "samples": 9})
+    manifest["failures"] = {"missing_file": 2}
+    (tmp_path / "stats.json").write_text(json.dumps(manifest))
+    assert main([f"{tmp_path}/00000.tar", "--write-manifest"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main([f"{tmp_path}/00000.tar", "--write-manifest", "--force"]) == 0
+    updated = json.loads((tmp_path / "stats.json").read_text())
+    assert {s["name"] for s in updated["shards"]} == {"00000.tar", "00001.tar", "00002.tar", "elsewhere.tar"}
+    assert updated["failures"] == {"missing_file": 2} and updated["total_samples"] == 21
+    assert json.loads((tmp_path / "stats.json.bak").read_text()) == manifest

@@ -1,7 +1,10 @@
 """Throughput of mmscale's data loader against a plain-webdataset reference pipeline, side by side.
 
 Both read the same freshly written shards with the same worker count, shuffle buffer, batch size,
-crop (random resized, bilinear, antialiased), normalisation and tokenizer. The reference is the
+crop (random resized, bilinear, antialiased) and tokenizer. The reference normalises to float32 in
+its workers, as the textbook pipeline does; mmscale hands over uint8 images (a quarter of the bytes
+per batch in shared memory and on the way to the GPU) that the model normalises on its device.
+The table gives each pipeline's bytes per batch. The reference is the
 textbook pipeline: wds.WebDataset(...).shuffle().decode("pil").to_tuple().map_tuple(transform)
 .batched() in a DataLoader. Runs alternate (reference, mmscale, reference, ...) so that load on a
 shared machine hits both alike; the median of the repeats is reported, both as wall-clock
@@ -142,18 +145,28 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def timed_epoch(build, urls: str, args, tokenizer) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and samples of one full pass, worker start-up included (both pay it)."""
+def batch_bytes(batch: dict) -> int:
+    """Bytes of a batch's tensors: what a worker hands the main process through shared memory."""
+    return sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def timed_epoch(build, urls: str, args, tokenizer) -> tuple[float, float, int, int, str]:
+    """Wall seconds, CPU seconds, samples, bytes of a full batch and the image dtype of one full pass.
+
+    Worker start-up is included (both pipelines pay it).
+    """
     gc.collect()
     cpu0, start = _cpu_seconds(), time.perf_counter()
-    n = 0
+    n, nbytes, dtype = 0, 0, ""
     loader = build(urls, args, tokenizer)
     for batch in loader:
         n += batch["image"].shape[0]
+        if not nbytes and batch["image"].shape[0] == args.batch_size:
+            nbytes, dtype = batch_bytes(batch), str(batch["image"].dtype).replace("torch.", "")
     wall = time.perf_counter() - start
     del loader, batch
     gc.collect()  # shut the workers down so that their CPU time is counted
-    return wall, _cpu_seconds() - cpu0, n
+    return wall, _cpu_seconds() - cpu0, n, nbytes, dtype
 
 
 # --------------------------------------------------------------------------- main
@@ -189,19 +202,22 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[float]] = {n: [] for n in names}
         cpu_runs: dict[str, list[float]] = {n: [] for n in names}
         counts: dict[str, int] = {}
+        sizes: dict[str, tuple[int, str]] = {}
         for r in range(args.repeats):
             for name in names:  # alternate, so drifting load on a shared machine hits all alike
-                wall, cpu, n = timed_epoch(PIPELINES[name], urls, args, tokenizer)
+                wall, cpu, n, nbytes, dtype = timed_epoch(PIPELINES[name], urls, args, tokenizer)
                 runs[name].append(n / wall)
                 cpu_runs[name].append(n / cpu)
                 counts[name] = n
+                sizes[name] = (nbytes, dtype)
                 print(f"  repeat {r + 1}/{args.repeats} {name:<20} {n / wall:8.1f} samples/s wall, "
                       f"{n / cpu:8.1f} samples per CPU-second ({n} samples, {wall:.2f}s wall, {cpu:.2f}s CPU)")
 
     ref, ref_cpu = statistics.median(runs["webdataset"]), statistics.median(cpu_runs["webdataset"])
     rows = []
     print(f"\n{'pipeline':<20} {'samples/s':>10} {'img/s/worker':>13} {'ratio':>7} {'samples/CPU-s':>14} "
-          f"{'ratio':>7}   (median of {args.repeats}; ratio vs webdataset)")
+          f"{'ratio':>7} {'MB/batch':>9} {'image':>8}   (median of {args.repeats}; ratio vs webdataset; "
+          "MB/batch: a full batch's tensors, passed from a worker through shared memory)")
     for name in names:
         med, med_cpu = statistics.median(runs[name]), statistics.median(cpu_runs[name])
         row = {"pipeline": name, "samples_per_s": round(med, 1),
@@ -210,10 +226,12 @@ def main(argv: list[str] | None = None) -> int:
                "samples_per_cpu_s": round(med_cpu, 1), "cpu_ratio_vs_webdataset": round(med_cpu / ref_cpu, 3),
                "runs_samples_per_s": [round(x, 1) for x in runs[name]],
                "runs_samples_per_cpu_s": [round(x, 1) for x in cpu_runs[name]],
-               "samples_per_epoch": counts[name]}
+               "samples_per_epoch": counts[name],
+               "shared_memory_bytes_per_batch": sizes[name][0], "image_dtype": sizes[name][1]}
         rows.append(row)
         print(f"{name:<20} {med:>10.1f} {row['images_per_s_per_worker']:>13.1f} {row['ratio_vs_webdataset']:>6.2f}x "
-              f"{med_cpu:>14.1f} {row['cpu_ratio_vs_webdataset']:>6.2f}x")
+              f"{med_cpu:>14.1f} {row['cpu_ratio_vs_webdataset']:>6.2f}x {sizes[name][0] / 1e6:>9.2f} "
+              f"{sizes[name][1]:>8}")
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "note": "shared machine: other jobs may run alongside"},

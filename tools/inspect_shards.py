@@ -9,6 +9,15 @@ the tars are not shards and are skipped, but a ``NNNNN_stats.json``'s ``successe
 and a ``stats.json`` manifest's per-shard ``samples``, are checked against the tar).
 Images are opened header-only (PIL reads the size without decoding pixels) unless
 ``--decode`` asks for a full decode. ``--strict`` exits 1 when any issue is found.
+
+``--write-manifest`` writes ``stats.json`` beside the shards: per shard, the samples mmscale's
+loader reads of it (a damaged shard counts what precedes the damage). A training run in
+``data.mode=epoch`` plans its batches from it; remote shards (http, ``pipe:``) need one, as they
+are never downloaded just to be counted. An existing ``stats.json`` is only updated with
+``--force`` (its other shards and fields are kept, the previous file is saved as
+``stats.json.bak``).
+
+    python tools/inspect_shards.py shards/ --write-manifest            # then upload stats.json with the shards
 """
 
 from __future__ import annotations
@@ -27,6 +36,11 @@ from typing import Any
 
 from braceexpand import braceexpand
 from PIL import Image
+
+if __package__ in (None, ""):  # run as a script from a checkout: make `mmscale` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mmscale.data.manifest import scan_tar  # noqa: E402 - the loader's own notion of a sample
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 TEXT_EXTS = {"txt", "text", "caption"}
@@ -262,6 +276,42 @@ def inspect_shards(urls: list[str] | str, decode: bool = False, workers: int = 1
     }
 
 
+MANIFEST_NAME = "stats.json"
+
+
+def write_manifests(report: dict[str, Any], force: bool = False) -> list[Path]:
+    """Write (or with `force` update) ``stats.json`` in each directory of the inspected shards; return the paths."""
+    by_dir: dict[Path, list[dict[str, Any]]] = {}
+    for shard in report["shards"]:
+        path = Path(shard["url"])
+        if path.is_file():  # a missing shard gets no count: the loader reports it when it cannot open it
+            entry = {"name": path.name, "samples": scan_tar(str(path)), "bytes": shard["bytes"]}
+            by_dir.setdefault(path.parent, []).append(entry)
+    written = []
+    for directory, shards in by_dir.items():
+        target = directory / MANIFEST_NAME
+        stats: dict[str, Any] = {}
+        if target.exists():
+            if not force:
+                raise InspectError(f"{target} exists; pass --force to update it (the old one is kept as "
+                                   f"{MANIFEST_NAME}.bak)")
+            try:
+                stats = json.loads(target.read_text())
+            except ValueError:
+                stats = {}
+            target.with_name(MANIFEST_NAME + ".bak").write_bytes(target.read_bytes())
+        new = {s["name"]: s for s in shards}
+        kept = [s for s in stats.get("shards", []) if isinstance(s, dict) and s.get("name") not in new]
+        merged = sorted(kept + shards, key=lambda s: str(s.get("name")))
+        stats.update(shards=merged, num_shards=len(merged),
+                     total_samples=sum(int(s.get("samples", 0)) for s in merged))
+        tmp = target.with_name(MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        tmp.replace(target)
+        written.append(target)
+    return written
+
+
 def _fmt(summary: dict[str, float] | None) -> str:
     if summary is None:
         return "-"
@@ -311,13 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
     p.add_argument("--decode", action="store_true", help="fully decode images (slower, catches truncated pixels)")
     p.add_argument("--workers", type=int, default=1, help="shards inspected in parallel")
+    p.add_argument("--write-manifest", action="store_true",
+                   help="write stats.json (samples per shard, as mmscale's loader reads them) beside the shards")
+    p.add_argument("--force", action="store_true", help="with --write-manifest: update an existing stats.json")
     args = p.parse_args(argv)
     try:
         report = inspect_shards(args.urls, decode=args.decode, workers=args.workers)
+        written = write_manifests(report, force=args.force) if args.write_manifest else []
     except InspectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))
+    for path in written:
+        manifest = json.loads(path.read_text())
+        print(f"wrote {path}: {manifest['num_shards']} shards, {manifest['total_samples']} samples")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 1 if args.strict and not report["ok"] else 0

@@ -2,21 +2,94 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
+from mmscale import distributed
 from mmscale.config import DataConfig, ImagePreprocess
 from mmscale.data.decode import parse_image_keys
 from mmscale.data.loader import StreamingLoader
-from mmscale.data.manifest import shard_sample_counts
+from mmscale.data.manifest import MANIFEST_NAME, cached_sample_counts, manifest_locations, shard_sample_counts
+from mmscale.data.split import eval_splits_by_sample
 from mmscale.data.stream import StreamSpec
-from mmscale.data.urls import parse_sources
+from mmscale.data.urls import is_local, parse_sources
 
 log = logging.getLogger(__name__)
 
 MIN_ROUND_SHARDS = 8
+T = TypeVar("T")
+_SAID: set[str] = set()  # eval notes already given in this process (every evaluation builds a loader)
+
+
+def _no_counts_message(missing: list[str], total: int) -> str:
+    stats, i2d, _ = manifest_locations(missing[0])
+    looked = " and ".join(x for x in (stats, i2d) if x) or "nothing (no *.tar name in the command)"
+    return (
+        f"data.mode=epoch needs the number of samples in every shard, and {len(missing)} of {total} shards have "
+        f"none: no {MANIFEST_NAME} or img2dataset *_stats.json beside them (first: {missing[0]}; looked for "
+        f"{looked}). Remote shards are not downloaded just to be counted. Write a manifest where the shards are "
+        "with `python tools/inspect_shards.py SHARD_DIR --write-manifest` (tools/make_shards.py writes one too) "
+        f"and put {MANIFEST_NAME} beside the shards, or use data.mode=resampled"
+    )
+
+
+def train_sample_counts(
+    urls: list[str], *, mode: str, retries: int = 3, cache: str | os.PathLike | None = None
+) -> dict[str, int]:
+    """Samples per training shard; epoch mode needs every one (manifests, or a local header scan), else refuses.
+
+    `cache` (the run's `shard_counts.json`) keeps them: counted once, reused on restart and resume.
+    """
+    # Resampled mode needs no counts (they only let a damaged shard's losses be counted): no scan,
+    # and no request per remote shard.
+    epoch = mode == "epoch"
+    counts = cached_sample_counts(urls, cache, scan=epoch, retries=retries, remote_sidecars=epoch)
+    missing = [u for u, c in counts.items() if c is None]
+    if mode == "epoch" and missing:
+        raise ValueError(_no_counts_message(missing, len(urls)))
+    return {u: c for u, c in counts.items() if c is not None}
+
+
+def _on_rank0(compute: Callable[[], T]) -> T:
+    """`compute()` once, on rank 0 of the process group, and its result (or its error) on every rank."""
+    if not distributed.is_initialized() or distributed.get_world_size() == 1:
+        return compute()
+    result: tuple[str, Any] | None = None
+    if distributed.get_rank() == 0:
+        try:
+            result = ("ok", compute())
+        except (ValueError, OSError) as exc:
+            result = ("error", str(exc))
+    kind, value = distributed.broadcast_object(result)
+    if kind == "error":
+        raise ValueError(value)
+    return value
+
+
+def _eval_counts(urls: tuple[str, ...]) -> dict[str, int]:
+    # Manifests only (no scan): what lets an evaluation count the samples a damaged shard lost.
+    # Remote ones are fetched once per process (every evaluation builds a loader); local ones are cheap.
+    if all(is_local(u) for u in urls):
+        return _manifest_counts(urls)
+    return _remote_manifest_counts(urls)
+
+
+def _manifest_counts(urls: tuple[str, ...]) -> dict[str, int]:
+    return {u: c for u, c in shard_sample_counts(urls, scan=False).items() if c is not None}
+
+
+_remote_manifest_counts = functools.lru_cache(maxsize=8)(_manifest_counts)
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.info("%s", message)
 
 
 def _quiet_tokenizers() -> None:
@@ -35,8 +108,13 @@ def build_train_loader(
     tokenizer: Any,
     max_length: int,
     pin_memory: bool = False,
+    counts_cache: str | os.PathLike | None = None,
 ) -> StreamingLoader:
-    """The training loader of one rank (`data.mode`: epoch = each sample once per epoch, resampled = endless)."""
+    """The training loader of one rank (`data.mode`: epoch = each sample once per epoch, resampled = endless).
+
+    Shard sample counts are found once (rank 0 of the process group, when there is one, and
+    broadcast) and kept in `counts_cache` when given; `pin_memory` pins batches (for CUDA).
+    """
     if batch_size < 1:
         raise ValueError(f"per-rank batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -44,11 +122,10 @@ def build_train_loader(
     _quiet_tokenizers()
     sources = parse_sources(data_cfg.train, data_cfg.train_weights)
     urls = [u for s in sources for u in s.urls]
-    counts: dict[str, int] = {}
-    if data_cfg.mode == "epoch":
-        counts = {u: int(c or 0) for u, c in shard_sample_counts(urls, retries=data_cfg.shard_retries).items()}
-        if len(sources) > 1 and data_cfg.train_weights:
-            log.warning("data.train_weights apply in resampled mode only; epoch mode reads every shard once")
+    counts = _on_rank0(lambda: train_sample_counts(urls, mode=data_cfg.mode, retries=data_cfg.shard_retries,
+                                                    cache=Path(counts_cache) if counts_cache else None))
+    if data_cfg.mode == "epoch" and len(sources) > 1 and data_cfg.train_weights:
+        log.warning("data.train_weights apply in resampled mode only; epoch mode reads every shard once")
     streams = max(data_cfg.workers, 1)
     spec = StreamSpec(
         mode=data_cfg.mode,
@@ -105,9 +182,10 @@ def build_eval_loader(
 ) -> StreamingLoader:
     """A deterministic evaluation loader: no shuffle, no drop, each sample once across ranks.
 
-    Rank r reads shards r, r + world_size, ...; ranks may get different numbers of samples and
-    batches (the last batch of each worker may be short), so evaluation code must gather results
-    without assuming equal counts.
+    Rank r reads shards r, r + world_size, ...; with fewer shards than ranks, every rank reads
+    every shard and evaluates every world_size-th sample of it instead. Ranks may get different
+    numbers of samples and batches (the last batch of each worker may be short), so evaluation
+    code must gather results without assuming equal counts.
     """
     if batch_size < 1:
         raise ValueError(f"eval batch_size must be >= 1, got {batch_size}")
@@ -118,7 +196,7 @@ def build_eval_loader(
     spec = StreamSpec(
         mode="eval",
         sources=sources,
-        counts={},
+        counts=_eval_counts(tuple(u for s in sources for u in s.urls)),
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
@@ -134,6 +212,7 @@ def build_eval_loader(
         shard_retries=shard_retries,
         retry_delay=shard_retry_delay,
     )
-    if len(spec.all_urls) < world_size:
-        log.warning("eval: %d shards for %d ranks; some ranks get no samples", len(spec.all_urls), world_size)
+    if eval_splits_by_sample(len(spec.all_urls), world_size):
+        _say_once(f"eval: {len(spec.all_urls)} shards for {world_size} ranks: every rank reads them all and "
+                  f"evaluates every {world_size}-th sample")
     return StreamingLoader(spec, workers=workers, pin_memory=pin_memory)

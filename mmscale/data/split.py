@@ -60,5 +60,21 @@ def resampled_shards(
 
 
 def eval_split(urls: Sequence[str], rank: int, world_size: int, worker: int, workers: int) -> list[str]:
-    """Shards of one eval worker: rank takes every world_size-th shard, its workers every workers-th of those."""
+    """Shards of one eval worker: rank takes every world_size-th shard, its workers every workers-th of those.
+
+    With fewer shards than ranks (`eval_splits_by_sample`), every rank reads every shard and keeps
+    every world_size-th sample of it (`eval_keeps_sample`); its workers share the shards.
+    """
+    if eval_splits_by_sample(len(urls), world_size):
+        return list(urls)[worker::workers]
     return list(urls)[rank::world_size][worker::workers]
+
+
+def eval_splits_by_sample(shards: int, world_size: int) -> bool:
+    """Whether evaluation splits samples rather than shards across ranks (fewer shards than ranks)."""
+    return 0 < shards < world_size
+
+
+def eval_keeps_sample(shard: int, sample: int, rank: int, world_size: int) -> bool:
+    """Split by sample: does `rank` evaluate sample `sample` of shard `shard` (its index in the url list)."""
+    return (shard + sample) % world_size == rank

@@ -1,36 +1,59 @@
-"""The per-worker pipeline: shards -> raw samples -> shuffle -> skip consumed -> decode -> transform -> batch.
+"""The per-worker pipeline: shards -> raw samples -> shuffle buffer -> skip consumed -> decode -> crop -> batch.
 
-Each dataloader worker runs one `SampleStream` iterator over its own shards and yields whole
-batches tagged with its worker id, the raw-stream position of every sample and its cumulative
-bad-sample counts. Positions count *raw* (undecoded) samples after the shuffle buffer, so a
-resumed worker replays its stream and skips the consumed samples without decoding them.
+Each dataloader worker runs `SampleStream.iter_worker` over its own shards and yields whole
+batches of uint8 images (normalised later, on the model's device) tagged with its worker id, the
+place of each sample in its stream (`_pos`: how many raw samples had left the shuffle buffer
+before it, this round), its issue counts, and after a full batch a snapshot of its stream
+(`_state`) to continue from exactly.
+
+A worker's stream state (`RoundStream.snapshot`) is a few integers and the ids its buffer holds:
+    round           resampled mode: which draw of shards (0 otherwise)
+    shard, offset   the next raw sample to read: sample `offset` of the worker's `shard`-th shard
+    out             raw samples that have left the buffer this round (the next one's `pos`)
+    drain           every shard is read; the buffer empties in an order shuffled at that moment
+    buffer          (shard, sample index) of each sample the buffer holds, in slot order
+                    (draining: in the order they will leave)
+Which slot a new sample evicts is a hash of (seed, rank, worker, epoch, round, out), not a stateful
+RNG, so that is the whole state. A resumed worker does not open the shards before `shard` that
+the buffer holds nothing of (those are fully drained), reads the ones it holds samples of only as
+far as those samples, and reads the current shard up to `offset` without decoding, then goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscale.config import ImagePreprocess
 from mmscale.data import decode as decoding
-from mmscale.data.shards import read_shards
-from mmscale.data.split import epoch_split, eval_split, resampled_shards, worker_split
+from mmscale.data.shards import DataIssues, ShardReader
+from mmscale.data.split import (
+    epoch_split,
+    eval_keeps_sample,
+    eval_split,
+    eval_splits_by_sample,
+    resampled_shards,
+    worker_split,
+)
 from mmscale.data.tokenize import tokenize
-from mmscale.data.transforms import eval_transform, normalize, train_transform
+from mmscale.data.transforms import eval_transform, train_transform
 from mmscale.data.urls import Source
 
 log = logging.getLogger(__name__)
 
 MODES = ("epoch", "resampled", "eval")
 EMPTY_ROUNDS_LIMIT = 3  # resampled rounds in a row without one good sample before giving up
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -69,21 +92,88 @@ class StreamSpec:
         return self.mode != "eval"
 
 
-def shuffle_buffer(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Seeded buffer shuffle: once `size` samples are held, each new one replaces a random held one."""
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
-def _empty_for_transfer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def buffer_ids(buffer: bytes | list) -> np.ndarray:
+    """A snapshot's buffer ids as an int64 array [n, 2] of (shard, sample index), packed or as nested lists."""
+    if isinstance(buffer, (bytes, bytearray)):
+        return np.frombuffer(buffer, dtype=np.int64).reshape(-1, 2)
+    return np.asarray(buffer, dtype=np.int64).reshape(-1, 2)
+
+
+class RoundStream:
+    """One worker's raw samples for one round, through a seeded shuffle buffer; `(pos, sample)` pairs, resumable.
+
+    Once `size` samples are held, each new one takes the slot of a held one, which leaves; at the
+    end the rest leave in a seeded random order. `size` 0 passes samples straight through. A sample
+    that could not be read again on resume leaves as None (counted as `lost_on_resume`).
+    """
+
+    def __init__(self, reader: ShardReader, size: int, name: str, state: dict | None = None):
+        self.reader = reader
+        self.size = size
+        self.name = name
+        self._key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+        self.out = 0
+        self.drain = False
+        self.buf: list[list] = []  # [(shard, index), sample or None until read again]
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        self.out, self.drain = int(state["out"]), bool(state["drain"])
+        ids = [(int(s), int(j)) for s, j in buffer_ids(state["buffer"])]
+        wanted: dict[int, set[int]] = defaultdict(set)
+        for s, j in ids:
+            wanted[s].add(j)
+        for s, indices in sorted(wanted.items()):
+            if s < self.reader.shard:
+                self.reader.collect(s, indices)  # a shard read past whose samples the buffer still holds
+            else:
+                self.reader.want[s] = indices  # the shard being read: kept as it streams past the skipped part
+        self.buf = [[sid, None] for sid in ids]
+        if self.drain:
+            self.buf.reverse()  # held in leaving order; leaving pops from the end
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state to continue from exactly (see the module docstring)."""
+        entries = reversed(self.buf) if self.drain else self.buf
+        # Packed as bytes on the way to the main process: a DataLoader turns arrays into tensors, and
+        # walks lists element by element (to pin them); bytes pass as they are.
+        return {"shard": self.reader.shard, "offset": self.reader.offset, "out": self.out, "drain": self.drain,
+                "buffer": np.asarray([e[0] for e in entries], dtype=np.int64).tobytes()}
+
+    def _leave(self, entry: list) -> tuple[int, dict | None]:
+        sample = entry[1] if entry[1] is not None else self.reader.found.pop(tuple(entry[0]), None)
+        if sample is None:
+            self.reader.issues.samples["lost_on_resume"] += 1
+        pos, self.out = self.out, self.out + 1
+        return pos, sample
+
+    def __iter__(self) -> Iterator[tuple[int, dict | None]]:
+        if not self.drain:
+            for sid, sample in self.reader:
+                if self.size <= 0:
+                    yield self._leave([sid, sample])
+                elif len(self.buf) < self.size:
+                    self.buf.append([sid, sample])
+                else:
+                    slot = _mix64(self._key + self.out) % self.size
+                    leaving, self.buf[slot] = self.buf[slot], [sid, sample]
+                    yield self._leave(leaving)
+            self.drain = True
+            random.Random(f"drain:{self.name}").shuffle(self.buf)
+        while self.buf:
+            yield self._leave(self.buf.pop())
+
+
+def _empty_for_transfer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor; in a dataloader worker, allocated in shared memory.
 
     A worker's batch reaches the main process through shared memory; a tensor already there is
@@ -113,7 +203,7 @@ class SampleStream(IterableDataset):
     def __init__(self, spec: StreamSpec):
         self.spec = spec
         self.epoch = 0
-        self.start: dict[int, tuple[int, int]] = {}  # worker -> (round, raw samples consumed in it)
+        self.start: dict[int, dict] = {}  # worker -> {"state": snapshot or None, "skip": int, "done": bool}
 
     # -- one sample ----------------------------------------------------------------
     def decode(self, sample: dict, crop_seed: str) -> tuple[torch.Tensor, str]:
@@ -130,16 +220,17 @@ class SampleStream(IterableDataset):
         return image, text
 
     # -- one batch -----------------------------------------------------------------
-    def collate(self, items: list[tuple], worker: int, bad: Counter, last: bool) -> dict:
-        """Stack decoded samples into a batch dict, with the bookkeeping the main process needs."""
+    def collate(self, items: list[tuple], worker: int, issues: DataIssues, last: bool,
+                state: dict | None = None) -> dict:
+        """Stack decoded samples into a batch dict (uint8 images), with the bookkeeping the main process needs."""
         spec = self.spec
+        size = spec.preprocess.size
         if items:
-            pixels = torch.stack([it[0] for it in items])
-            images = normalize(pixels, spec.preprocess.mean, spec.preprocess.std,
-                               out=_empty_for_transfer(pixels.shape, torch.float32))
+            images = _empty_for_transfer((len(items), 3, size, size), torch.uint8)
+            torch.stack([it[0] for it in items], out=images)
             ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
         else:
-            images = torch.empty(0, 3, spec.preprocess.size, spec.preprocess.size)
+            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
             ids = mask = torch.empty(0, spec.max_length, dtype=torch.long)
         return {
             "image": images,
@@ -148,9 +239,10 @@ class SampleStream(IterableDataset):
             "key": [it[2] for it in items],
             "text": [it[1] for it in items],
             "_worker": worker,
-            "_round": [it[3] for it in items],
-            "_pos": [it[4] for it in items],
-            "_bad": dict(bad),
+            "_pos": [it[3] for it in items],
+            "_state": state,
+            "_bad": issues.counts(),
+            "_notes": issues.take_notes(),
             "_last": last,
         }
 
@@ -158,45 +250,68 @@ class SampleStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        return self.iter_worker(worker, self.start.get(worker, (0, 0)))
+        return self.iter_worker(worker, self.start.get(worker))
 
-    def iter_worker(self, worker: int, start: tuple[int, int] = (0, 0)) -> Iterator[dict]:
-        """Batches of one worker's stream, from raw position `start` = (round, samples consumed in it)."""
+    def _reader(self, urls: list[str], issues: DataIssues, start: tuple[int, int]) -> ShardReader:
         spec = self.spec
-        bad: Counter = Counter()
-        round_, skip = start
+        keep = counts_shard = None
+        if spec.mode == "eval" and eval_splits_by_sample(len(spec.all_urls), spec.world_size):
+            index = {u: g for g, u in enumerate(spec.all_urls)}
+            g = [index[u] for u in urls]
+
+            def keep(i: int, j: int) -> bool:
+                return eval_keeps_sample(g[i], j, spec.rank, spec.world_size)
+
+            def counts_shard(i: int) -> bool:  # a shard's failure is counted by one rank, not by each
+                return g[i] % spec.world_size == spec.rank
+
+        return ShardReader(urls, issues, counts=spec.counts, retries=spec.shard_retries, retry_delay=spec.retry_delay,
+                           start=start, keep=keep, counts_shard=counts_shard)
+
+    def iter_worker(self, worker: int, start: dict | None = None) -> Iterator[dict]:
+        """Batches of one worker's stream, from `start` = {"state": snapshot, "skip": next pos to hand out, "done"}."""
+        spec = self.spec
+        start = start or {}
+        if start.get("done"):
+            return  # everything this worker had was handed out before the checkpoint
+        state, skip = start.get("state"), int(start.get("skip", 0))
+        round_ = int(state["round"]) if state else 0
+        size = spec.shuffle_buffer if spec.train and spec.shuffle_buffer > 1 else 0
+        issues = DataIssues()
         items: list[tuple] = []
         empty_rounds = 0
         while True:
             urls = worker_shards(spec, worker=worker, epoch=self.epoch, round_=round_)
-            raw = read_shards(urls, bad, retries=spec.shard_retries, retry_delay=spec.retry_delay)
-            if spec.train and spec.shuffle_buffer > 1:
-                rng = random.Random(f"buffer:{spec.seed}:{spec.rank}:{worker}:{self.epoch}:{round_}")
-                raw = shuffle_buffer(raw, spec.shuffle_buffer, rng)
+            reader = self._reader(urls, issues, (int(state["shard"]), int(state["offset"])) if state else (0, 0))
+            stream = RoundStream(reader, size, f"buffer:{spec.seed}:{spec.rank}:{worker}:{self.epoch}:{round_}", state)
+            state = None
             good = 0
-            for pos, sample in enumerate(raw):
+            for pos, sample in stream:
                 if pos < skip:
-                    continue  # consumed before the checkpoint: read, never decoded
+                    good += 1
+                    continue  # handed out before the checkpoint: read, never decoded
+                if sample is None:
+                    continue
                 seed = f"crop:{spec.seed}:{spec.rank}:{worker}:{self.epoch}:{round_}:{pos}"
                 try:
                     image, text = self.decode(sample, seed)
                 except decoding.BadSample as exc:
-                    bad[exc.reason] += 1
+                    issues.samples[exc.reason] += 1
                     continue
                 good += 1
-                items.append((image, text, sample["__key__"], round_, pos))
+                items.append((image, text, sample["__key__"], pos))
                 if len(items) == spec.batch_size:
-                    yield self.collate(items, worker, bad, last=False)
+                    yield self.collate(items, worker, issues, last=False, state={"round": round_, **stream.snapshot()})
                     items = []
             skip = 0
             if spec.mode != "resampled":
                 # The tail (possibly empty) also tells the main process this worker is done.
-                yield self.collate(items, worker, bad, last=True)
+                yield self.collate(items, worker, issues, last=True)
                 return
             empty_rounds = 0 if good else empty_rounds + 1
             if empty_rounds >= EMPTY_ROUNDS_LIMIT:
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker}: {EMPTY_ROUNDS_LIMIT} rounds of resampled shards gave no "
-                    f"usable sample (bad samples so far: {dict(bad)}); check data.train"
+                    f"usable sample (bad samples so far: {dict(issues.samples)}); check data.train"
                 )
             round_ += 1

@@ -57,6 +57,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         from mmscale.data import build_train_loader
+        from mmscale.data.manifest import COUNTS_CACHE_NAME
         from mmscale.losses import build_loss
         from mmscale.models import build_dual_encoder, load_tokenizer
         from mmscale.train.engine import build_engine
@@ -88,6 +89,10 @@ class Trainer:
             preprocess=self.preprocess,
             tokenizer=self.tokenizer,
             max_length=cfg.model.text.max_length,
+            # Pinned host batches copy to the GPU asynchronously; uint8 pixels are normalised there.
+            pin_memory=distributed.comm_device().type == "cuda",
+            # Counted once per run (rank 0) and kept beside it: a restart or resume counts nothing again.
+            counts_cache=self.output_dir / COUNTS_CACHE_NAME,
         )
         self._batches = None  # the current epoch's iterator
 
@@ -225,11 +230,17 @@ class Trainer:
         metrics["data_wait_share"] = distributed.all_reduce_max(metrics["data_wait_share"])
         metrics["peak_memory_mb"] = distributed.all_reduce_max(peak_memory_mb())
         metrics["skipped_steps"] = float(self.skipped_steps)
-        bad = Counter()
-        for counts in distributed.all_gather_object(self.loader.bad_samples):
-            bad.update(counts)
+        # Summed over ranks, since the start of the run: samples skipped or lost (by reason, in samples),
+        # damaged shards (by reason), and repeats that kept the ranks' batch counts equal.
+        bad, shards, padded = Counter(), Counter(), 0
+        for counts in distributed.all_gather_object(self.loader.data_counts()):
+            bad.update(counts["bad_samples"])
+            shards.update(counts["bad_shards"])
+            padded += counts["padded_samples"]
         metrics.update({f"bad_samples/{reason}": float(n) for reason, n in bad.items()})
         metrics["bad_samples/total"] = float(sum(bad.values()))
+        metrics.update({f"bad_shards/{reason}": float(n) for reason, n in shards.items()})
+        metrics["padded_samples"] = float(padded)
         self.monitor.log_step(self.step, metrics)
         self.monitor.progress(self.step, metrics, log_line)
 

@@ -88,7 +88,7 @@ def batch_indices(step: int, rank: int, world_size: int, per_rank: int, n: int, 
 def load_images(
     urls: str, keys: set[str], *, preprocess, tokenizer, max_length: int, batch_size: int = 64
 ):
-    """key -> normalised image tensor for `keys`, read from the shards (every rank reads them all)."""
+    """key -> uint8 image tensor for `keys` (the reranker normalises on its device), read from the shards by every rank."""
     from mmscale.data import build_eval_loader
 
     loader = build_eval_loader(
