@@ -1,6 +1,18 @@
-"""Consolidate a training checkpoint (any ZeRO stage, any world size) into a self-contained model directory.
+"""Consolidate a training checkpoint (any ZeRO stage, any world size) and export it for the tools people serve with.
 
-An export directory holds everything inference needs and nothing it does not:
+`mmscale export CKPT OUT --format F[,F...]` writes one folder per format (OUT itself for one):
+
+    mmscale                the format below, read back by `mmscale.load`
+    sentence-transformers  `SentenceTransformer(OUT)` (built-in modules) / a reranker's `CrossEncoder` (export/st.py)
+    transformers           a CLIPModel / SiglipModel folder for `AutoModel` (export/hf.py)
+    open_clip              `open_clip.create_model_from_pretrained("local-dir:OUT")` (export/openclip.py)
+
+Which formats can express a model is decided by its shape (export/shapes.py), before anything is
+written; every folder carries a model card (export/card.py); the output is never a run or a
+checkpoint, never a non-empty folder unless `overwrite` (export/output.py); `--interpolate` is
+WiSE-FT with the starting weights (export/interpolate.py), `--push-to-hub` export/hub.py.
+
+An mmscale export directory holds everything inference needs and nothing it does not:
 
     model.safetensors     the full weights (fp32 or bf16)
     mmscale_config.json   kind (dual_encoder | reranker), the model config, made self-contained
@@ -15,10 +27,12 @@ started from. `mmscale.load` reads it back (see mmscale/inference.py).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
+import math
 import os
-import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +42,10 @@ import yaml
 from torch import nn
 
 from mmscale.config import Config, ModelConfig, RerankConfig, from_dict, to_dict
+from mmscale.export.card import CardInfo
+from mmscale.export.errors import ExportError
+from mmscale.export.output import Staging, check_output
+from mmscale.export.shapes import FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +56,6 @@ PREPROCESS_FILE = "preprocess.json"
 TOKENIZER_DIR = "tokenizer"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KINDS = ("dual_encoder", "reranker")
-
-
-class ExportError(RuntimeError):
-    """A checkpoint cannot be found, consolidated or exported."""
 
 
 # --------------------------------------------------------------------------- finding checkpoints
@@ -203,6 +217,22 @@ def preprocess_settings(model: nn.Module) -> dict[str, Any]:
     return model.preprocess.to_json()
 
 
+def write_mmscale(model: nn.Module, spec: ModelSpec, tokenizer: Any, out: Path, dtype: str = "fp32",
+                  source: dict[str, Any] | None = None) -> None:
+    """Write the mmscale format (weights, mmscale_config.json, preprocess.json, tokenizer/) into the directory `out`."""
+    from safetensors.torch import save_model
+
+    weights = copy.deepcopy(model).to(DTYPES[dtype]) if dtype != "fp32" else model
+    # save_model (unlike save_file) copes with tied parameters that share storage.
+    save_model(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt", "mmscale_kind": spec.kind})
+    config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
+    config["model"]["text"]["tokenizer"] = TOKENIZER_DIR  # relative: the directory may be moved
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    preprocess = preprocess_settings(model)
+    (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n")
+    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+
+
 def save_export(
     model: nn.Module,
     spec: ModelSpec,
@@ -210,29 +240,11 @@ def save_export(
     output: str | os.PathLike,
     dtype: str = "fp32",
     source: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write an export directory for an in-memory model (written to a temporary name, then renamed)."""
-    from safetensors.torch import save_model
-
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = copy.deepcopy(model).to(DTYPES[dtype]) if dtype != "fp32" else model
-    # save_model (unlike save_file) copes with tied parameters that share storage.
-    save_model(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mmscale_kind": spec.kind})
-    config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
-    config["model"]["text"]["tokenizer"] = TOKENIZER_DIR  # relative: the directory may be moved
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    preprocess = preprocess_settings(model)
-    (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n")
-    tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    """Write an mmscale export directory (with its model card) for an in-memory model."""
+    return export_model(model, spec, tokenizer, output, formats=("mmscale",), dtype=dtype,
+                        info=CardInfo(source=dict(source or {})), overwrite=overwrite)
 
 
 def read_export(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str, Any], str]:
@@ -259,18 +271,157 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
     return model, spec
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str = "fp32") -> Path:
-    """Consolidate a training checkpoint (step dir or output_dir) into an export directory at `output`."""
-    from mmscale.models import load_tokenizer
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """Export formats from `a,b` or a list, each once, in order; unknown names refused."""
+    items = formats.split(",") if isinstance(formats, str) else [f for part in formats for f in part.split(",")]
+    names = tuple(dict.fromkeys(f.strip() for f in items if f.strip()))
+    for name in names:
+        if name not in FORMATS:
+            raise ExportError(f"unknown export format {name!r} (choose from {', '.join(FORMATS)})")
+    if not names:
+        raise ExportError(f"no export format given (choose from {', '.join(FORMATS)})")
+    return names
 
-    model, spec, run_cfg, step_dir = load_checkpoint_model(checkpoint)
-    tokenizer = load_tokenizer(run_cfg.model.text)
-    source = {"checkpoint": str(step_dir.resolve())}
+
+def export_model(
+    model: nn.Module,
+    spec: ModelSpec,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    formats: str | Sequence[str] = ("mmscale",),
+    dtype: str = "fp32",
+    info: CardInfo | None = None,
+    overwrite: bool = False,
+    prompts: dict[str, str] | None = None,
+    protect: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write `model` in each of `formats` at `output` (one format: the folder itself; several: OUT/<format>/).
+
+    Every format is checked against the model's shape before anything is written, and the output
+    against runs, checkpoints (`protect`) and a user's files; each folder gets a model card.
+    """
+    from mmscale.export.card import render_card
+    from mmscale.export.shapes import check_format, detect_shape, logit_scale_value
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    names = parse_formats(formats)
+    info = info or CardInfo()
+    model = model.eval()
+    shape = detect_shape(model, spec.model, tokenizer, run_model_cfg=info.run.model if info.run is not None else None)
+    for name in names:
+        check_format(shape, name)  # refuse before a single file is written
+    out = check_output(output, overwrite=overwrite, sources=protect)
+    if not info.location:
+        info.location = str(out)
+    other = {f: shape.reasons.get(f) for f in FORMATS}
+    scale = logit_scale_value(model) if hasattr(model, "logit_scale") else None
+    bias = float(model.logit_bias.detach().reshape(())) if getattr(model, "logit_bias", None) is not None else None
+    with Staging(out) as stage:
+        for name in names:
+            folder = stage if len(names) == 1 else stage / name
+            folder.mkdir(exist_ok=True)
+            _write_format(name, model, spec, shape, tokenizer, folder, dtype, info, prompts)
+            card_info = info if len(names) == 1 else dataclasses.replace(info, location=str(out / name))
+            (folder / "README.md").write_text(render_card(
+                name, spec.kind, shape.kind, spec.model, card_info, embed_dim=_embed_dim(model),
+                logit_scale=math.exp(scale) if scale is not None else None, logit_bias=bias, dtype=dtype,
+                other_formats=other, notes=shape.notes,
+            ))  # fmt: skip
+    log.info("exported %s as %s -> %s", spec.kind, ", ".join(names), out)
+    return out
+
+
+def _embed_dim(model: nn.Module) -> int:
+    return int(getattr(model, "embed_dim", 0) or getattr(getattr(model, "bi_text_proj", None), "out_features", 0))
+
+
+def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, tokenizer: Any, folder: Path,
+                  dtype: str, info: CardInfo, prompts: dict[str, str] | None) -> None:
+    matryoshka = info.source.get("matryoshka_dims")
+    torch_dtype = DTYPES[dtype]
+    if name == "mmscale":
+        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
+    elif name == "sentence-transformers" and spec.kind == "reranker":
+        from mmscale.export.st import write_cross_encoder
+
+        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
+        write_cross_encoder(folder, prompts)
+    elif name == "sentence-transformers":
+        from mmscale.export.st import write_sentence_transformers
+
+        write_sentence_transformers(model, shape, spec.model, tokenizer, folder, torch_dtype, matryoshka, prompts)
+    elif name == "transformers":
+        from mmscale.export.hf import write_transformers
+
+        write_transformers(model, shape, tokenizer, folder, spec.model.text.max_length, torch_dtype)
+    else:
+        from mmscale.export.openclip import write_open_clip
+
+        write_open_clip(model, spec.model, tokenizer, folder, torch_dtype)
+
+
+def checkpoint_card_info(step_dir: Path, run_cfg: Config) -> CardInfo:
+    """What the model card and mmscale_config.json record of a checkpoint: its step, world size, run, metrics."""
+    from mmscale.export.card import final_metrics
+
+    source: dict[str, Any] = {"checkpoint": str(step_dir.resolve())}
     meta = step_dir / "complete.json"
     if meta.is_file():
         source.update({k: v for k, v in json.loads(meta.read_text()).items() if k in ("step", "world_size")})
     if run_cfg.loss.matryoshka_dims:
         source["matryoshka_dims"] = list(run_cfg.loss.matryoshka_dims)  # prefixes trained to stand alone
-    out = save_export(model, spec, tokenizer, output, dtype=dtype, source=source)
-    log.info("exported %s (%s) -> %s", step_dir, spec.kind, out)
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    metrics, metrics_step = final_metrics(run_dir, source.get("step"))
+    return CardInfo(source=source, run=run_cfg, metrics=metrics, metrics_step=metrics_step)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str = "fp32",
+    formats: str | Sequence[str] = ("mmscale",),
+    interpolate: float | None = None,
+    interpolate_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    prompts: dict[str, str] | None = None,
+) -> Path:
+    """Consolidate a training checkpoint (step dir or output_dir) and export it at `output` in `formats`.
+
+    `interpolate` (WiSE-FT alpha) mixes in the weights the run started from: those of
+    `interpolate_from` (a checkpoint or export) when given, else the run's seeded initial model.
+    `push_to_hub` uploads the folder to that Hub repository afterwards (one format per repository).
+    """
+    from mmscale.models import load_tokenizer
+
+    names = parse_formats(formats)
+    if push_to_hub and len(names) != 1:
+        raise ExportError(f"--push-to-hub uploads one folder: export one format per repository, not {', '.join(names)}")
+    step_dir = resolve_checkpoint(checkpoint)
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    check_output(output, overwrite=overwrite, sources=(step_dir, run_dir))  # before the (slow) consolidation
+    model, spec, run_cfg, step_dir = load_checkpoint_model(step_dir)
+    tokenizer = load_tokenizer(run_cfg.model.text)
+    info = checkpoint_card_info(step_dir, run_cfg)
+    if push_to_hub:
+        info.location = push_to_hub
+    if interpolate is not None:
+        from mmscale.export.interpolate import interpolate_weights, load_start, starting_model
+
+        if spec.kind != "dual_encoder":
+            raise ExportError("--interpolate applies to dual encoders (a reranker has no starting model to return to)")
+        if interpolate_from:
+            start, where = load_start(interpolate_from), f"`{Path(interpolate_from).resolve()}`"
+        else:
+            start, where = starting_model(run_cfg, with_bias=spec.with_bias), f"the run's initial model (seed {run_cfg.train.seed})"
+        interpolate_weights(model, start, interpolate)
+        info.source["interpolate"] = {"alpha": interpolate, "start": where}
+    out = export_model(model, spec, tokenizer, output, formats=names, dtype=dtype, info=info, overwrite=overwrite,
+                       prompts=prompts, protect=(step_dir, run_dir))
+    if push_to_hub:
+        from mmscale.export.hub import push_to_hub as push
+
+        push(out, push_to_hub, private=private)
     return out
