@@ -274,23 +274,45 @@ def test_open_clip_folder_equals_mmscale(open_clip_model, tmp_path):
         mine_of_own = model.encode_image(own_pixels)
     torch.testing.assert_close(img, want_img, rtol=0, atol=ATOL)
     torch.testing.assert_close(txt, want_txt, rtol=0, atol=ATOL)
-    with torch.no_grad():
-        scale, bias = model.scale_and_bias()
-    assert float(oc.logit_scale.detach().exp()) == pytest.approx(float(scale), rel=1e-6)
-    assert float(oc.logit_bias.detach()) == pytest.approx(float(bias), rel=1e-6)
+    scale, bias = (t.detach().item() for t in model.scale_and_bias())
+    assert oc.logit_scale.detach().exp().item() == pytest.approx(scale, rel=1e-6)
+    assert oc.logit_bias.detach().item() == pytest.approx(bias, rel=1e-6)
     # End to end: open_clip's PIL preprocessing is within resize rounding; the embeddings are those of its pixels.
     assert_resize_rounding(own_pixels, pixels, model.preprocess.std)
     torch.testing.assert_close(own, mine_of_own, rtol=0, atol=ATOL)
 
 
-def test_open_clip_refusals_name_the_reason(clip, towers, tmp_path):
+def test_open_clip_native_clip_for_clip_shaped_models(clip, exported):
+    """A CLIP-shaped model becomes open_clip's own CLIP class (OpenAI/LAION layout), its tokenizer in the folder."""
+    import open_clip
+
     cfg, model, tokenizer = clip
+    out = exported("clip", "open_clip")
+    oc, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{out}")
+    oc.eval()
+    assert type(oc).__name__ == "CLIP"
+    oc_tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    images = smooth_images()
+    want_img, want_txt = mmscale_embeddings(model, tokenizer, cfg.model.text.max_length, images)
+    pixels = model.pixels(image_batch(images, model.preprocess), torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(oc.encode_image(pixels, normalize=True), want_img, rtol=0, atol=ATOL)
+        torch.testing.assert_close(oc.encode_text(oc_tokenizer(TEXTS), normalize=True), want_txt, rtol=0, atol=ATOL)
+        own_pixels = torch.stack([preprocess(im) for im in images])
+        torch.testing.assert_close(oc.encode_image(own_pixels, normalize=True), model.encode_image(own_pixels), rtol=0, atol=ATOL)
+        scale, _ = model.scale_and_bias()
+    assert_resize_rounding(own_pixels, pixels, model.preprocess.std)
+    assert float(oc.logit_scale.detach().exp()) == pytest.approx(float(scale), rel=1e-6)
+
+
+def test_open_clip_refusals_name_the_reason(siglip, towers, tmp_path):
+    cfg, model, tokenizer = siglip
     shape = detect_shape(model, cfg.model, tokenizer)
-    assert shape.kind == "clip" and not shape.supports("open_clip")
+    assert shape.kind == "siglip" and not shape.supports("open_clip")
     assert "not a stock timm model" in shape.reasons["open_clip"]
     cfg, model, tokenizer = towers
-    with pytest.raises(ExportError, match="open_clip cannot express.*inline config.*pooling 'cls'|open_clip cannot express"):
-        export_model(model, spec_of(cfg, model), tokenizer, tmp_path / "oc", formats="open_clip")
+    with pytest.raises(ExportError, match="open_clip cannot express.*not a stock timm model.*native 224 px.*inline config"):
+        export_model(model, spec_of(cfg, model), tokenizer, tmp_path / "oc", formats="open_clip", info=CardInfo(run=cfg))
     assert not (tmp_path / "oc").exists()
 
 

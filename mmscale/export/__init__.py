@@ -312,8 +312,7 @@ def export_model(
     for name in names:
         check_format(shape, name)  # refuse before a single file is written
     out = check_output(output, overwrite=overwrite, sources=protect)
-    if not info.location:
-        info.location = str(out)
+    info.location = info.repo or str(out)
     other = {f: shape.reasons.get(f) for f in FORMATS}
     scale = logit_scale_value(model) if hasattr(model, "logit_scale") else None
     bias = float(model.logit_bias.detach().reshape(())) if getattr(model, "logit_bias", None) is not None else None
@@ -322,7 +321,7 @@ def export_model(
             folder = stage if len(names) == 1 else stage / name
             folder.mkdir(exist_ok=True)
             _write_format(name, model, spec, shape, tokenizer, folder, dtype, info, prompts)
-            card_info = info if len(names) == 1 else dataclasses.replace(info, location=str(out / name))
+            card_info = info if len(names) == 1 else dataclasses.replace(info, location=info.repo or str(out / name))
             (folder / "README.md").write_text(render_card(
                 name, spec.kind, shape.kind, spec.model, card_info, embed_dim=_embed_dim(model),
                 logit_scale=math.exp(scale) if scale is not None else None, logit_bias=bias, dtype=dtype,
@@ -358,7 +357,7 @@ def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, toke
     else:
         from mmscale.export.openclip import write_open_clip
 
-        write_open_clip(model, spec.model, tokenizer, folder, torch_dtype)
+        write_open_clip(model, shape.kind, spec.model, tokenizer, folder, torch_dtype, location=info.repo)
 
 
 def checkpoint_card_info(step_dir: Path, run_cfg: Config) -> CardInfo:
@@ -397,8 +396,12 @@ def export_checkpoint(
     from mmscale.models import load_tokenizer
 
     names = parse_formats(formats)
-    if push_to_hub and len(names) != 1:
-        raise ExportError(f"--push-to-hub uploads one folder: export one format per repository, not {', '.join(names)}")
+    if push_to_hub:
+        from mmscale.export.hub import check_repo_id
+
+        check_repo_id(push_to_hub)
+        if len(names) != 1:
+            raise ExportError(f"--push-to-hub uploads one folder: export one format per repository, not {', '.join(names)}")
     step_dir = resolve_checkpoint(checkpoint)
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
     check_output(output, overwrite=overwrite, sources=(step_dir, run_dir))  # before the (slow) consolidation
@@ -406,7 +409,7 @@ def export_checkpoint(
     tokenizer = load_tokenizer(run_cfg.model.text)
     info = checkpoint_card_info(step_dir, run_cfg)
     if push_to_hub:
-        info.location = push_to_hub
+        info.repo = push_to_hub
     if interpolate is not None:
         from mmscale.export.interpolate import interpolate_weights, load_start, starting_model
 

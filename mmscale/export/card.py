@@ -30,7 +30,8 @@ class CardInfo:
     run: Config | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # the run's last evaluation at or before the step
     metrics_step: int | None = None
-    location: str = ""  # what users pass to the loaders: the Hub repo when pushed, else the folder
+    repo: str = ""  # the Hub repository the export is pushed to, if any
+    location: str = ""  # what users pass to the loaders: the repo when pushed, else the folder (set by export_model)
 
 
 def final_metrics(run_dir: Path, step: int | None) -> tuple[dict[str, float], int | None]:
@@ -89,7 +90,8 @@ def render_card(fmt: str, kind: str, shape_kind: str, model_cfg: ModelConfig, in
     out = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     what = "multimodal cross-encoder reranker" if kind == "reranker" else "image-text embedding model (dual encoder)"
     out += [f"# {Path(where).name or where}", "",
-            f"A {what} trained with [mmscale](https://github.com/mmscale/mmscale), exported for **{LIBRARY[fmt]}**.", ""]
+            f"A{'n' if what[0] in 'aeiou' else ''} {what} trained with [mmscale](https://github.com/mmscale/mmscale), "
+            f"exported for **{LIBRARY[fmt]}**.", ""]
 
     v, t = model_cfg.vision, model_cfg.text
     p = f"{v.image_size} px, {v.interpolation}, " + ("squashed to the square" if v.resize == "squash" else
@@ -117,7 +119,7 @@ def render_card(fmt: str, kind: str, shape_kind: str, model_cfg: ModelConfig, in
     out += ["## Base model", ""] + [f"- {line}" for line in base_lines] + [""]
     out += _training_section(info)
     out += _metrics_section(info)
-    out += ["## How to load it", ""] + _usage(fmt, kind, shape_kind, where, matryoshka, t.max_length)
+    out += ["## How to load it", ""] + _usage(fmt, kind, shape_kind, where, matryoshka, t.max_length, pushed=bool(info.repo))
     available = [f for f, why in other_formats.items() if why is None and f != fmt]
     refused = {f: why for f, why in other_formats.items() if why is not None}
     if available:
@@ -166,8 +168,10 @@ def _metrics_section(info: CardInfo) -> list[str]:
     return lines + [""]
 
 
-def _usage(fmt: str, kind: str, shape_kind: str, where: str, matryoshka: list[int], max_length: int) -> list[str]:
+def _usage(fmt: str, kind: str, shape_kind: str, where: str, matryoshka: list[int], max_length: int,
+           pushed: bool = False) -> list[str]:
     code: list[str]
+    scheme = "hf-hub:" if pushed else "local-dir:"
     if kind == "reranker":
         if fmt == "sentence-transformers":
             code = ["from PIL import Image", "from sentence_transformers import CrossEncoder", "",
@@ -199,8 +203,8 @@ def _usage(fmt: str, kind: str, shape_kind: str, where: str, matryoshka: list[in
                 "print(out.logits_per_image" + (".sigmoid())" if shape_kind == "siglip" else ".softmax(-1))")]
     elif fmt == "open_clip":
         code = ["import torch", "import open_clip", "from PIL import Image", "",
-                f'model, preprocess = open_clip.create_model_from_pretrained("local-dir:{where}")  # hf-hub:REPO once pushed',
-                f'tokenizer = open_clip.get_tokenizer("local-dir:{where}")',
+                f'model, preprocess = open_clip.create_model_from_pretrained("{scheme}{where}")',
+                f'tokenizer = open_clip.get_tokenizer("{scheme}{where}")',
                 "with torch.no_grad():",
                 '    image = model.encode_image(preprocess(Image.open("cat.jpg")).unsqueeze(0), normalize=True)',
                 '    text = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)']
@@ -221,7 +225,8 @@ def _provenance(info: CardInfo) -> list[str]:
     lines = ["## Provenance", ""]
     if s.get("checkpoint"):
         lines.append(f"- checkpoint: `{s['checkpoint']}`" + (f" (step {s['step']}" if "step" in s else "")
-                     + (f", {s['world_size']} ranks)" if "world_size" in s else (")" if "step" in s else "")))
+                     + (f", {s['world_size']} rank{'s' if s['world_size'] != 1 else ''})" if "world_size" in s
+                        else (")" if "step" in s else "")))
     if "interpolate" in s:
         it = s["interpolate"]
         lines.append(f"- weights: WiSE-FT interpolation `(1 - {it['alpha']}) * start + {it['alpha']} * fine-tuned` "

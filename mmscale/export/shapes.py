@@ -100,7 +100,8 @@ def detect_shape(model: nn.Module, model_cfg: ModelConfig, tokenizer: Any = None
         st_why = _router_problems(model, model_cfg)
         if st_why:
             shape.reasons["sentence-transformers"] = "; ".join(st_why)
-    oc_why = open_clip_problems(model, run_model_cfg or model_cfg)
+    # A CLIP-shaped model is open_clip's own CLIP class; other towers go through its timm/HF adapters.
+    oc_why = native_clip_problems(model) if shape.kind == "clip" else open_clip_problems(model, run_model_cfg or model_cfg)
     if oc_why:
         shape.reasons["open_clip"] = "open_clip cannot express this model: " + "; ".join(oc_why)
     return shape
@@ -343,7 +344,32 @@ def open_clip_problems(model: nn.Module, model_cfg: ModelConfig) -> list[str]:
         why.append("the text projection has a bias (open_clip's HF text projection has none)")
     if isinstance(model.text_proj, nn.Identity) and int(model.text.config.hidden_size) != model.embed_dim:
         why.append("the text tower has no projection and another width")
-    p: ImagePreprocess = model.preprocess
+    return why + preprocess_problems(model.preprocess)
+
+
+def native_clip_problems(model: nn.Module) -> list[str]:
+    """Why open_clip's native CLIP (VisionTransformer + TextTransformer) cannot hold a CLIP-shaped model."""
+    why = []
+    facts = vit_facts(model.visual)
+    text = model.text.config
+    if text.hidden_act != facts.hidden_act:
+        why.append(f"its towers use different activations ({facts.hidden_act} / {text.hidden_act}); open_clip's "
+                   "CLIP takes one (quick_gelu or not) for both")
+    if facts.hidden_act not in ("quick_gelu", "gelu", "gelu_pytorch_tanh"):
+        why.append(f"activation {facts.hidden_act}")
+    for name, width, inner in (("vision", facts.hidden_size, facts.intermediate_size),
+                               ("text", text.hidden_size, text.intermediate_size)):
+        if int(width * (inner / width)) != inner:
+            why.append(f"the {name} MLP width {inner} is not a ratio open_clip can express")
+    if text.hidden_size % text.num_attention_heads:
+        why.append("the text width is not divisible by its heads")
+    why += preprocess_problems(model.preprocess)
+    return why
+
+
+def preprocess_problems(p: ImagePreprocess) -> list[str]:
+    """What open_clip's eval transform (resize shortest/squash, centre crop, bicubic/bilinear) cannot do."""
+    why = []
     if p.crop_pct != 1.0 and p.resize == "shortest":
         why.append(f"crop_pct {p.crop_pct} (open_clip resizes the shorter side to the crop size itself)")
     if p.interpolation not in ("bicubic", "bilinear"):
