@@ -22,7 +22,7 @@ from mmscale.export.card import CardInfo
 from mmscale.export.shapes import detect_shape
 from mmscale.inference import image_batch
 from mmscale.models import build_dual_encoder, load_tokenizer
-from tests.export_models import (
+from tools.tiny_models import (
     TEXTS,
     build_clip,
     build_siglip,
@@ -181,6 +181,8 @@ def test_sentence_transformers_clip_and_siglip(shape, clip, siglip, exported):
     torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), want_txt, rtol=0, atol=ATOL)
     config = json.loads((out / "config_sentence_transformers.json").read_text())
     assert config["similarity_fn_name"] == "cosine" and st.similarity_fn_name == "cosine"
+    card = (out / "README.md").read_text()
+    assert "SentenceTransformer(" in card and "AutoModel.from_pretrained(" in card  # the folder serves both
     if shape == "siglip":
         sbert = json.loads((out / "sentence_bert_config.json").read_text())
         assert sbert["processing_kwargs"]["text"]["padding"] == "max_length"
@@ -367,3 +369,16 @@ def test_several_formats_go_to_subfolders_each_with_a_card(clip, tmp_path):
     assert next(mmscale.load(out / "mmscale").model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ExportError, match="unknown export format 'onnx'"):
         export_model(model, spec_of(cfg, model), tokenizer, tmp_path / "x", formats="onnx")
+
+
+def test_sentence_transformers_router_in_bf16(towers, tmp_path):
+    """bf16 weights on disk; sentence-transformers' Dense loads fp32, so the towers are told to load fp32 too."""
+    from sentence_transformers import SentenceTransformer
+
+    cfg, model, tokenizer = towers
+    out = export_model(model, spec_of(cfg, model), tokenizer, tmp_path / "st", formats="sentence-transformers", dtype="bf16")
+    st = SentenceTransformer(str(out), device="cpu")
+    images = smooth_images(2)
+    want_img, want_txt = mmscale_embeddings(model, tokenizer, cfg.model.text.max_length, images)
+    assert (st.encode(images, convert_to_tensor=True) * want_img).sum(-1).min() > 0.99
+    assert (st.encode(TEXTS, convert_to_tensor=True) * want_txt).sum(-1).min() > 0.99

@@ -17,7 +17,7 @@ from mmscale.cli import main
 from mmscale.config import Config, dump_yaml
 from mmscale.export import ExportError, export_checkpoint
 from mmscale.models import build_dual_encoder
-from tests.export_models import build_clip, clip_config, clip_tokenizer, perturb, towers_config
+from tools.tiny_models import build_clip, clip_config, clip_tokenizer, perturb, towers_config
 
 
 def write_checkpoint(run: Path, step: int, model: torch.nn.Module, cfg: Config, evals: dict[int, dict] | None = None) -> Path:

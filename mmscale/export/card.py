@@ -120,6 +120,11 @@ def render_card(fmt: str, kind: str, shape_kind: str, model_cfg: ModelConfig, in
     out += _training_section(info)
     out += _metrics_section(info)
     out += ["## How to load it", ""] + _usage(fmt, kind, shape_kind, where, matryoshka, t.max_length, pushed=bool(info.repo))
+    if fmt == "sentence-transformers" and kind != "reranker" and shape_kind in ("clip", "siglip"):
+        out += [f"The folder is also a transformers `{'CLIPModel' if shape_kind == 'clip' else 'SiglipModel'}` folder:", ""]
+        out += _usage("transformers", kind, shape_kind, where, matryoshka, t.max_length)
+    if fmt == "sentence-transformers" and kind == "reranker":
+        out += ["The folder is also an mmscale export:", ""] + _usage("mmscale", kind, shape_kind, where, matryoshka, t.max_length)
     available = [f for f, why in other_formats.items() if why is None and f != fmt]
     refused = {f: why for f, why in other_formats.items() if why is not None}
     if available:

@@ -135,11 +135,16 @@ def _write_router(model: nn.Module, model_cfg: ModelConfig, tokenizer: Any, out:
         wrapper = TimmWrapperModel(wrapper_cfg).eval()
         wrapper.timm_model.load_state_dict(model.visual.state_dict(), strict=True)
     wrapper.to(dtype).save_pretrained(str(out / "image_0_Transformer"))
-    _json(out / "image_0_Transformer" / "sentence_bert_config.json", {
+    # Dense modules always load in fp32: a bf16 export is stored in bf16 and loaded in fp32 by default.
+    load_fp32 = {"dtype": "float32"} if dtype != torch.float32 else {}
+    image_config: dict[str, Any] = {
         "transformer_task": "feature-extraction",
         "modality_config": {"image": {"method": "forward", "method_output_name": "pooler_output"}},
         "module_output_name": "sentence_embedding",
-    })  # fmt: skip
+    }
+    if load_fp32:
+        image_config["model_kwargs"] = dict(load_fp32)
+    _json(out / "image_0_Transformer" / "sentence_bert_config.json", image_config)
     if isinstance(model.visual_proj, nn.Linear):
         _dense(out / "image_1_Dense", model.visual_proj, dtype)
         image.append("image_1_Dense")
@@ -157,9 +162,12 @@ def _write_router(model: nn.Module, model_cfg: ModelConfig, tokenizer: Any, out:
         "module_output_name": "token_embeddings",
         "processing_kwargs": {"text": text_processing_kwargs("towers", model_cfg.text.max_length)},
     }
+    model_kwargs = dict(load_fp32)
     if getattr(model.text, "pooler", 0) is None and "add_pooling_layer" in inspect.signature(type(model.text).__init__).parameters:
         # mmscale drops a BERT-style pooler (it pools the token states itself): load the tower without one.
-        module_config["model_kwargs"] = {"add_pooling_layer": False}
+        model_kwargs["add_pooling_layer"] = False
+    if model_kwargs:
+        module_config["model_kwargs"] = model_kwargs
     _json(text_dir / "sentence_bert_config.json", module_config)
     _json(out / "text_1_Pooling" / "config.json",
           {"embedding_dimension": text_width(model.text), "pooling_mode": pooling_mode(model.pooling), "include_prompt": True})

@@ -1,4 +1,4 @@
-"""Tiny models of each shape for the export tests, with offline tokenizers (no hub).
+"""Tiny models of each shape for the export tests and tools/bench_export.py, with offline tokenizers (no hub).
 
 - CLIP-shaped: timm `vit_base_patch16_clip_224` arch (class token, pre-norm, quick_gelu) shrunk
   to 2 blocks x 32 wide at 32 px, a `CLIPTextModel` with a byte-level BPE tokenizer built from a
@@ -23,7 +23,7 @@ from PIL import Image
 from mmscale.config import Config, from_dict, load_config
 from mmscale.models import build_dual_encoder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # tools/ -> the repository
 TINY = REPO / "launch/configs/tiny.yaml"
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 TEXTS = ["the red cat", "a photo of the dog and the cat in the garden on a sunny day with friends", "x",
