@@ -360,6 +360,11 @@ def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, toke
         write_open_clip(model, shape.kind, spec.model, tokenizer, folder, torch_dtype, location=info.repo)
 
 
+def run_dir_of(step_dir: Path) -> Path:
+    """The run's output_dir of a checkpoint (OUTPUT_DIR/checkpoints/step_N), or the folder holding a plain DeepSpeed tag."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
 def checkpoint_card_info(step_dir: Path, run_cfg: Config) -> CardInfo:
     """What the model card and mmscale_config.json record of a checkpoint: its step, world size, run, metrics."""
     from mmscale.export.card import final_metrics
@@ -370,8 +375,7 @@ def checkpoint_card_info(step_dir: Path, run_cfg: Config) -> CardInfo:
         source.update({k: v for k, v in json.loads(meta.read_text()).items() if k in ("step", "world_size")})
     if run_cfg.loss.matryoshka_dims:
         source["matryoshka_dims"] = list(run_cfg.loss.matryoshka_dims)  # prefixes trained to stand alone
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
-    metrics, metrics_step = final_metrics(run_dir, source.get("step"))
+    metrics, metrics_step = final_metrics(run_dir_of(step_dir), source.get("step"))
     return CardInfo(source=source, run=run_cfg, metrics=metrics, metrics_step=metrics_step)
 
 
@@ -402,8 +406,12 @@ def export_checkpoint(
         check_repo_id(push_to_hub)
         if len(names) != 1:
             raise ExportError(f"--push-to-hub uploads one folder: export one format per repository, not {', '.join(names)}")
+    if interpolate is not None:
+        from mmscale.export.interpolate import check_alpha
+
+        check_alpha(interpolate)
     step_dir = resolve_checkpoint(checkpoint)
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    run_dir = run_dir_of(step_dir)
     check_output(output, overwrite=overwrite, sources=(step_dir, run_dir))  # before the (slow) consolidation
     model, spec, run_cfg, step_dir = load_checkpoint_model(step_dir)
     tokenizer = load_tokenizer(run_cfg.model.text)

@@ -20,10 +20,15 @@ from mmscale.config import Config
 from mmscale.export.errors import ExportError
 
 
-def interpolate_weights(finetuned: nn.Module, start: nn.Module, alpha: float) -> nn.Module:
-    """`finetuned` with every floating tensor set (in place) to (1 - alpha) * start + alpha * finetuned."""
+def check_alpha(alpha: float) -> None:
+    """Refuse an interpolation weight outside [0, 1]."""
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
         raise ExportError(f"--interpolate {alpha}: alpha must be in [0, 1] (1 keeps the fine-tuned weights, 0 the starting ones)")
+
+
+def interpolate_weights(finetuned: nn.Module, start: nn.Module, alpha: float) -> nn.Module:
+    """`finetuned` with every floating tensor set (in place) to (1 - alpha) * start + alpha * finetuned."""
+    check_alpha(alpha)
     ft, st = finetuned.state_dict(), start.state_dict()
     missing, extra = sorted(set(ft) - set(st)), sorted(set(st) - set(ft))
     if missing or extra:
