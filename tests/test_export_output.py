@@ -96,6 +96,25 @@ def test_overwrite_replaces_the_previous_export_and_keeps_other_files(run, tmp_p
     assert not any(p.name.startswith(".m.tmp") for p in tmp_path.iterdir())  # no staging left behind
 
 
+def test_a_failed_export_leaves_the_output_as_it_was(run, tmp_path, monkeypatch):
+    import mmscale.export.st as st
+
+    run_dir, _, _ = run
+    out = export_checkpoint(run_dir, tmp_path / "m")
+    before = snapshot(out)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "write_sentence_transformers", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(run_dir, out, formats="sentence-transformers", overwrite=True)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(run_dir, tmp_path / "new", formats="sentence-transformers")
+    assert snapshot(out) == before and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "run"]  # no staging directory left
+
+
 def test_exported_files_get_the_usual_modes(run, tmp_path):
     run_dir, _, _ = run
     old = os.umask(0o022)
@@ -135,7 +154,9 @@ def test_clip_shaped_checkpoint_exports_to_every_library_via_the_cli(tmp_path):
     write_checkpoint(tmp_path / "run", 3, build_clip(cfg), cfg)
     out = tmp_path / "out"
     assert main(["export", str(tmp_path / "run"), str(out), "--format", "sentence-transformers,transformers",
-                 "--format", "mmscale"]) == 0  # fmt: skip
+                 "--format", "mmscale", "--prompt", "query=a photo of "]) == 0  # fmt: skip
+    st_config = json.loads((out / "sentence-transformers" / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"] == {"query": "a photo of "}
     for sub, library in [("sentence-transformers", "sentence-transformers"), ("transformers", "transformers"), ("mmscale", "mmscale")]:
         assert f"library_name: {library}" in (out / sub / "README.md").read_text()
     assert "AutoModel.from_pretrained" in (out / "transformers" / "README.md").read_text()
