@@ -116,13 +116,24 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mmscale.errors import BadInputError
     from mmscale.preflight import check_model_source
 
     _check_inputs(check_model_source(args.checkpoint, "checkpoint"))
     from mmscale.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
-    print(f"exported {args.checkpoint} -> {args.output}")
+    prompts = {}
+    for item in args.prompt:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise BadInputError(f"export: --prompt {item!r}: expected NAME=TEXT, e.g. query='query: '")
+        prompts[name] = text
+    out = export_checkpoint(
+        args.checkpoint, args.output, dtype=args.dtype, formats=args.format or ["mmscale"],
+        interpolate=args.interpolate, interpolate_from=args.interpolate_from or None, overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub or None, private=args.private, prompts=prompts or None,
+    )  # fmt: skip
+    print(f"exported {args.checkpoint} -> {out}" + (f" (pushed to {args.push_to_hub})" if args.push_to_hub else ""))
     return 0
 
 
@@ -182,10 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: in this process)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into a model directory")
+    p = sub.add_parser("export", help="export a checkpoint for mmscale, sentence-transformers, transformers or open_clip")
     p.add_argument("checkpoint", help="training checkpoint (a step directory or an output_dir)")
-    p.add_argument("output", help="model directory to write")
+    p.add_argument("output", help="folder to write (new or empty; one subfolder per format when several)")
+    p.add_argument("--format", action="append", default=[], metavar="FORMAT",
+                   help="mmscale (default) | sentence-transformers | transformers | open_clip; repeat or comma-separate for several")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--interpolate", type=float, default=None, metavar="ALPHA",
+                   help="WiSE-FT: (1 - ALPHA) * starting weights + ALPHA * fine-tuned (1 = fine-tuned)")
+    p.add_argument("--interpolate-from", default="", metavar="PATH",
+                   help="checkpoint or export holding the starting weights (default: the run's initial model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUTPUT (other files are kept)")
+    p.add_argument("--push-to-hub", default="", metavar="REPO", help="upload the folder to this Hugging Face Hub repository")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
+                   help="a sentence-transformers prompt (e.g. query='query: '); repeat for several")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job end to end on built-in demo data")

@@ -1,6 +1,6 @@
 """Inference: `mmscale.load(path)` -> encode texts and images, compare them, re-rank; `mmscale encode` for shards.
 
-`load` accepts an export directory (see mmscale/export.py) or a training checkpoint (a step
+`load` accepts an export directory (see mmscale/export/) or a training checkpoint (a step
 directory or a run's output_dir, consolidated in memory). Images go through exactly the eval
 transform the training data pipeline uses (`mmscale.data.transforms`), texts through the same
 tokenisation, so an embedding here equals the one evaluation computed during training.

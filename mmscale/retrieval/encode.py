@@ -71,7 +71,7 @@ def _gather_images(local: torch.Tensor | None, device) -> torch.Tensor:
     shapes = [s for s in distributed.gather_list([tuple(local.shape[1:])] if local is not None else []) if s]
     if not shapes:
         return torch.empty(0)
-    dtype = local.dtype if local is not None else torch.float32
+    dtype = local.dtype if local is not None else torch.uint8  # the loader delivers uint8 pixels
     rows = local.to(device) if local is not None else torch.empty(0, *shapes[0], dtype=dtype, device=device)
     return distributed.all_gather_padded(rows).cpu()
 

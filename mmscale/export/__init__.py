@@ -1,0 +1,438 @@
+"""Consolidate a training checkpoint (any ZeRO stage, any world size) and export it for the tools people serve with.
+
+`mmscale export CKPT OUT --format F[,F...]` writes one folder per format (OUT itself for one):
+
+    mmscale                the format below, read back by `mmscale.load`
+    sentence-transformers  `SentenceTransformer(OUT)` (built-in modules) / a reranker's `CrossEncoder` (export/st.py)
+    transformers           a CLIPModel / SiglipModel folder for `AutoModel` (export/hf.py)
+    open_clip              `open_clip.create_model_from_pretrained("local-dir:OUT")` (export/openclip.py)
+
+Which formats can express a model is decided by its shape (export/shapes.py), before anything is
+written; every folder carries a model card (export/card.py); the output is never a run or a
+checkpoint, never a non-empty folder unless `overwrite` (export/output.py); `--interpolate` is
+WiSE-FT with the starting weights (export/interpolate.py), `--push-to-hub` export/hub.py.
+
+An mmscale export directory holds everything inference needs and nothing it does not:
+
+    model.safetensors     the full weights (fp32 or bf16)
+    mmscale_config.json   kind (dual_encoder | reranker), the model config, made self-contained
+    preprocess.json       image size, mean, std, resize/crop: what the eval transform does
+    tokenizer/            `tokenizer.save_pretrained`
+
+"Self-contained" means the text tower is described by its full transformers config and the
+vision tower by timm arguments, so loading needs neither the hub nor the files the run
+started from. `mmscale.load` reads it back (see mmscale/inference.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from mmscale.config import Config, ModelConfig, RerankConfig, from_dict, to_dict
+from mmscale.export.card import CardInfo
+from mmscale.export.errors import ExportError
+from mmscale.export.output import Staging, check_output
+from mmscale.export.shapes import FORMATS
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "mmscale_config.json"
+PREPROCESS_FILE = "preprocess.json"
+TOKENIZER_DIR = "tokenizer"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KINDS = ("dual_encoder", "reranker")
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def is_export_dir(path: str | os.PathLike) -> bool:
+    """A directory written by `export_checkpoint` / `save_export`."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A complete step directory: `path` itself, or the newest one under `path` or `path/checkpoints`."""
+    from mmscale.train.checkpoint import COMPLETE_MARKER, TMP_PREFIX, find_latest_below, is_complete
+
+    p = Path(path)
+    if not p.exists():
+        raise ExportError(f"{p}: no such file or directory")
+    if is_complete(p):
+        return p
+    if p.name.startswith(TMP_PREFIX) or (p.name.startswith("step_") and _has_model_states(p)):
+        # The Checkpointer's marker is written last: without it the save died part way.
+        raise ExportError(f"{p}: an incomplete checkpoint (no {COMPLETE_MARKER}); its save did not finish")
+    if _has_model_states(p):
+        # A plain DeepSpeed tag directory (not written by mmscale's Checkpointer): usable if a config is near.
+        return p
+    latest = find_latest_below(p)
+    if latest is not None:
+        return latest
+    raise ExportError(
+        f"{p}: not a checkpoint: expected a step_* directory with complete.json, "
+        f"a checkpoints/ directory holding them, or a run's output_dir"
+    )
+
+
+def _has_model_states(p: Path) -> bool:
+    return p.is_dir() and any(p.glob("*model_states.pt"))
+
+
+def read_run_config(step_dir: Path) -> Config:
+    """The resolved run config saved with a checkpoint (`config.yaml` beside the weights)."""
+    for candidate in (step_dir / "config.yaml", step_dir.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            # Types are checked but not `validate`d: paths it names (ds_config, data) need not exist here.
+            return from_dict(yaml.safe_load(candidate.read_text()) or {})
+    raise ExportError(f"{step_dir}: no config.yaml saved with this checkpoint; cannot tell how to build the model")
+
+
+# --------------------------------------------------------------------------- consolidation
+
+
+def consolidate_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint, offline and rank-free (ZeRO 1/2/3 via DeepSpeed's zero_to_fp32)."""
+    if any(step_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # The fp32 master weights live in the optimizer shards; the module copy may be bf16 or empty (ZeRO-3).
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    # ZeRO stage 0: the whole module is in the model-states file.
+    model_file = step_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ExportError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt) to consolidate")
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
+    """dual_encoder or reranker, from the parameter names (only the reranker has a fusion transformer)."""
+    return "reranker" if any(k.startswith("fusion.") for k in state_dict) else "dual_encoder"
+
+
+# --------------------------------------------------------------------------- building models
+
+
+@dataclass
+class ModelSpec:
+    """What it takes to rebuild a model with no checkpoint around: kind, towers, heads."""
+
+    kind: str
+    model: ModelConfig
+    rerank: RerankConfig
+    with_bias: bool = False  # SigLIP's learnable logit bias
+
+    def to_json(self) -> dict[str, Any]:
+        """The `mmscale_config.json` body (without the dtype)."""
+        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": self.kind, "model": to_dict(self.model)}
+        if self.kind == "reranker":
+            r = self.rerank
+            out["rerank"] = {"fusion_dim": r.fusion_dim, "fusion_layers": r.fusion_layers, "fusion_heads": r.fusion_heads}
+        else:
+            out["with_bias"] = self.with_bias
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], root: str | os.PathLike | None = None) -> ModelSpec:
+        """Read `mmscale_config.json` back; `root` (the export directory) anchors its relative tokenizer path."""
+        if data.get("kind") not in KINDS:
+            raise ExportError(f"{CONFIG_FILE}: unknown kind {data.get('kind')!r} (expected {' | '.join(KINDS)})")
+        cfg = from_dict({"model": data["model"], "rerank": data.get("rerank", {})})
+        if root is not None and cfg.model.text.tokenizer == TOKENIZER_DIR:
+            cfg.model.text.tokenizer = str(Path(root).resolve() / TOKENIZER_DIR)
+        return cls(kind=data["kind"], model=cfg.model, rerank=cfg.rerank, with_bias=bool(data.get("with_bias")))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained model of the spec's shape (weights are loaded by the caller)."""
+    from mmscale.models import build_dual_encoder
+
+    dual = build_dual_encoder(spec.model, with_bias=spec.with_bias)
+    if spec.kind == "dual_encoder":
+        return dual
+    from mmscale.models.reranker import build_reranker
+
+    return build_reranker(dual, spec.rerank)
+
+
+def self_contained(model_cfg: ModelConfig, model: nn.Module) -> ModelConfig:
+    """A copy of the model config that rebuilds the towers without the hub or the files the run started from."""
+    cfg = copy.deepcopy(model_cfg)
+    text_config = model.text.config.to_diff_dict()
+    # Versions, origins and dtypes are provenance, not shape; a stale dtype would even change the build.
+    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        text_config.pop(key, None)
+    text_config["model_type"] = model.text.config.model_type
+    cfg.text.config = text_config
+    # Explicit, so that the hub name in name_or_path is never the fallback once `config` is inline.
+    cfg.text.tokenizer = cfg.text.tokenizer or cfg.text.name_or_path
+    cfg.text.grad_checkpointing = False
+    cfg.vision.weights = ""  # the weights are in model.safetensors
+    cfg.vision.grad_checkpointing = False
+    return cfg
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, Config, Path]:
+    """(model with fp32 weights, its spec, the run config, the step dir) from a training checkpoint."""
+    step_dir = resolve_checkpoint(path)
+    run_cfg = read_run_config(step_dir)
+    state = consolidate_state_dict(step_dir)
+    spec = ModelSpec(
+        kind=detect_kind(state), model=run_cfg.model, rerank=run_cfg.rerank, with_bias="logit_bias" in state
+    )
+    model = build_model(spec)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(
+            f"{step_dir}: weights do not match a {spec.kind} built from its config.yaml "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.eval()
+    spec = ModelSpec(spec.kind, self_contained(run_cfg.model, model), run_cfg.rerank, spec.with_bias)
+    return model, spec, run_cfg, step_dir
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def preprocess_settings(model: nn.Module) -> dict[str, Any]:
+    """The model's image preprocessing as data: the contract of `preprocess.json` (see `config.ImagePreprocess`)."""
+    return model.preprocess.to_json()
+
+
+def write_mmscale(model: nn.Module, spec: ModelSpec, tokenizer: Any, out: Path, dtype: str = "fp32",
+                  source: dict[str, Any] | None = None) -> None:
+    """Write the mmscale format (weights, mmscale_config.json, preprocess.json, tokenizer/) into the directory `out`."""
+    from safetensors.torch import save_model
+
+    weights = copy.deepcopy(model).to(DTYPES[dtype]) if dtype != "fp32" else model
+    # save_model (unlike save_file) copes with tied parameters that share storage.
+    save_model(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt", "mmscale_kind": spec.kind})
+    config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
+    config["model"]["text"]["tokenizer"] = TOKENIZER_DIR  # relative: the directory may be moved
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    preprocess = preprocess_settings(model)
+    (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n")
+    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+
+
+def save_export(
+    model: nn.Module,
+    spec: ModelSpec,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    dtype: str = "fp32",
+    source: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an mmscale export directory (with its model card) for an in-memory model."""
+    return export_model(model, spec, tokenizer, output, formats=("mmscale",), dtype=dtype,
+                        info=CardInfo(source=dict(source or {})), overwrite=overwrite)
+
+
+def read_export(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str, Any], str]:
+    """(model in eval mode with the stored dtype, spec, preprocess settings, dtype name) of an export directory."""
+    from safetensors.torch import load_model as load_weights
+
+    root = Path(path)
+    config = json.loads((root / CONFIG_FILE).read_text())
+    spec = ModelSpec.from_json(config, root=root)
+    dtype = config.get("dtype", "fp32")
+    model = build_model(spec).to(DTYPES[dtype])
+    # strict: a missing or unexpected tensor means the export and this code disagree about the model.
+    load_weights(model, str(root / WEIGHTS_FILE), strict=True)
+    preprocess = json.loads((root / PREPROCESS_FILE).read_text())
+    return model.eval(), spec, preprocess, dtype
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
+    """(model in eval mode, self-contained spec) from an export directory or a training checkpoint."""
+    if is_export_dir(path):
+        model, spec, _, _ = read_export(path)
+    else:
+        model, spec, _, _ = load_checkpoint_model(path)
+    return model, spec
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """Export formats from `a,b` or a list, each once, in order; unknown names refused."""
+    items = formats.split(",") if isinstance(formats, str) else [f for part in formats for f in part.split(",")]
+    names = tuple(dict.fromkeys(f.strip() for f in items if f.strip()))
+    for name in names:
+        if name not in FORMATS:
+            raise ExportError(f"unknown export format {name!r} (choose from {', '.join(FORMATS)})")
+    if not names:
+        raise ExportError(f"no export format given (choose from {', '.join(FORMATS)})")
+    return names
+
+
+def export_model(
+    model: nn.Module,
+    spec: ModelSpec,
+    tokenizer: Any,
+    output: str | os.PathLike,
+    formats: str | Sequence[str] = ("mmscale",),
+    dtype: str = "fp32",
+    info: CardInfo | None = None,
+    overwrite: bool = False,
+    prompts: dict[str, str] | None = None,
+    protect: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write `model` in each of `formats` at `output` (one format: the folder itself; several: OUT/<format>/).
+
+    Every format is checked against the model's shape before anything is written, and the output
+    against runs, checkpoints (`protect`) and a user's files; each folder gets a model card.
+    """
+    from mmscale.export.card import render_card
+    from mmscale.export.shapes import check_format, detect_shape, logit_scale_value
+
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    names = parse_formats(formats)
+    info = info or CardInfo()
+    model = model.eval()
+    shape = detect_shape(model, spec.model, tokenizer, run_model_cfg=info.run.model if info.run is not None else None)
+    for name in names:
+        check_format(shape, name)  # refuse before a single file is written
+    out = check_output(output, overwrite=overwrite, sources=protect)
+    info.location = info.repo or str(out)
+    other = {f: shape.reasons.get(f) for f in FORMATS}
+    scale = logit_scale_value(model) if hasattr(model, "logit_scale") else None
+    bias = float(model.logit_bias.detach().reshape(())) if getattr(model, "logit_bias", None) is not None else None
+    with Staging(out) as stage:
+        for name in names:
+            folder = stage if len(names) == 1 else stage / name
+            folder.mkdir(exist_ok=True)
+            _write_format(name, model, spec, shape, tokenizer, folder, dtype, info, prompts)
+            card_info = info if len(names) == 1 else dataclasses.replace(info, location=info.repo or str(out / name))
+            (folder / "README.md").write_text(render_card(
+                name, spec.kind, shape.kind, spec.model, card_info, embed_dim=_embed_dim(model),
+                logit_scale=math.exp(scale) if scale is not None else None, logit_bias=bias, dtype=dtype,
+                other_formats=other, notes=shape.notes,
+            ))  # fmt: skip
+    log.info("exported %s as %s -> %s", spec.kind, ", ".join(names), out)
+    return out
+
+
+def _embed_dim(model: nn.Module) -> int:
+    return int(getattr(model, "embed_dim", 0) or getattr(getattr(model, "bi_text_proj", None), "out_features", 0))
+
+
+def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, tokenizer: Any, folder: Path,
+                  dtype: str, info: CardInfo, prompts: dict[str, str] | None) -> None:
+    matryoshka = info.source.get("matryoshka_dims")
+    torch_dtype = DTYPES[dtype]
+    if name == "mmscale":
+        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
+    elif name == "sentence-transformers" and spec.kind == "reranker":
+        from mmscale.export.st import write_cross_encoder
+
+        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
+        write_cross_encoder(folder, prompts)
+    elif name == "sentence-transformers":
+        from mmscale.export.st import write_sentence_transformers
+
+        write_sentence_transformers(model, shape, spec.model, tokenizer, folder, torch_dtype, matryoshka, prompts)
+    elif name == "transformers":
+        from mmscale.export.hf import write_transformers
+
+        write_transformers(model, shape, tokenizer, folder, spec.model.text.max_length, torch_dtype)
+    else:
+        from mmscale.export.openclip import write_open_clip
+
+        write_open_clip(model, shape.kind, spec.model, tokenizer, folder, torch_dtype, location=info.repo)
+
+
+def run_dir_of(step_dir: Path) -> Path:
+    """The run's output_dir of a checkpoint (OUTPUT_DIR/checkpoints/step_N), or the folder holding a plain DeepSpeed tag."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
+def checkpoint_card_info(step_dir: Path, run_cfg: Config) -> CardInfo:
+    """What the model card and mmscale_config.json record of a checkpoint: its step, world size, run, metrics."""
+    from mmscale.export.card import final_metrics
+
+    source: dict[str, Any] = {"checkpoint": str(step_dir.resolve())}
+    meta = step_dir / "complete.json"
+    if meta.is_file():
+        source.update({k: v for k, v in json.loads(meta.read_text()).items() if k in ("step", "world_size")})
+    if run_cfg.loss.matryoshka_dims:
+        source["matryoshka_dims"] = list(run_cfg.loss.matryoshka_dims)  # prefixes trained to stand alone
+    metrics, metrics_step = final_metrics(run_dir_of(step_dir), source.get("step"))
+    return CardInfo(source=source, run=run_cfg, metrics=metrics, metrics_step=metrics_step)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str = "fp32",
+    formats: str | Sequence[str] = ("mmscale",),
+    interpolate: float | None = None,
+    interpolate_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    prompts: dict[str, str] | None = None,
+) -> Path:
+    """Consolidate a training checkpoint (step dir or output_dir) and export it at `output` in `formats`.
+
+    `interpolate` (WiSE-FT alpha) mixes in the weights the run started from: those of
+    `interpolate_from` (a checkpoint or export) when given, else the run's seeded initial model.
+    `push_to_hub` uploads the folder to that Hub repository afterwards (one format per repository).
+    """
+    from mmscale.models import load_tokenizer
+
+    names = parse_formats(formats)
+    if push_to_hub:
+        from mmscale.export.hub import check_repo_id
+
+        check_repo_id(push_to_hub)
+        if len(names) != 1:
+            raise ExportError(f"--push-to-hub uploads one folder: export one format per repository, not {', '.join(names)}")
+    if interpolate is not None:
+        from mmscale.export.interpolate import check_alpha
+
+        check_alpha(interpolate)
+    step_dir = resolve_checkpoint(checkpoint)
+    run_dir = run_dir_of(step_dir)
+    check_output(output, overwrite=overwrite, sources=(step_dir, run_dir))  # before the (slow) consolidation
+    model, spec, run_cfg, step_dir = load_checkpoint_model(step_dir)
+    tokenizer = load_tokenizer(run_cfg.model.text)
+    info = checkpoint_card_info(step_dir, run_cfg)
+    if push_to_hub:
+        info.repo = push_to_hub
+    if interpolate is not None:
+        from mmscale.export.interpolate import interpolate_weights, load_start, starting_model
+
+        if spec.kind != "dual_encoder":
+            raise ExportError("--interpolate applies to dual encoders (a reranker has no starting model to return to)")
+        if interpolate_from:
+            start, where = load_start(interpolate_from), f"`{Path(interpolate_from).resolve()}`"
+        else:
+            start, where = starting_model(run_cfg, with_bias=spec.with_bias), f"the run's initial model (seed {run_cfg.train.seed})"
+        interpolate_weights(model, start, interpolate)
+        info.source["interpolate"] = {"alpha": interpolate, "start": where}
+    out = export_model(model, spec, tokenizer, output, formats=names, dtype=dtype, info=info, overwrite=overwrite,
+                       prompts=prompts, protect=(step_dir, run_dir))
+    if push_to_hub:
+        from mmscale.export.hub import push_to_hub as push
+
+        push(out, push_to_hub, private=private)
+    return out
