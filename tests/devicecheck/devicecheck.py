@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.data import get_worker_info
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 THIS = os.path.abspath(__file__)
@@ -115,6 +116,8 @@ def _target_is_host(args, kwargs) -> bool | None:
 class Placement(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if get_worker_info() is not None:  # a DataLoader worker (forked with the mode): host-only by design
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         frame = _caller()
         mine = _mine(frame)
