@@ -105,10 +105,10 @@ def load_images(
 
 def train_reranker(cfg: Config) -> int:
     """Train the reranker from `mine.checkpoint`'s towers on `rerank.mined`; evaluate on `data.val` at the end."""
+    from mmscale.evaluate import load_bi_encoder
     from mmscale.models import load_tokenizer
     from mmscale.models.reranker import build_reranker
     from mmscale.monitor import Monitor
-    from mmscale.retrieval.encode import load_bi_encoder
     from mmscale.retrieval.mining import mined_dir, read_mined
     from mmscale.train.checkpoint import Checkpointer, resolve_resume
     from mmscale.train.engine import build_engine
