@@ -102,7 +102,7 @@ def mine_hard_negatives(
     query_groups = groups[positive_idx]
 
     found = exact_topk(query_emb, corpus, range_max, block_size=block_size, query_groups=query_groups,
-                       corpus_groups=groups, same_group="exclude", targets=positive_idx)  # fmt: skip
+                       corpus_groups=groups, same_group="exclude", group_stats=("min",), targets=positive_idx)  # fmt: skip
     scores, indices = found.scores, found.indices
     positive = found.target_scores
     reference = found.group_min[:, None]  # the hardest positive of the group, as sentence-transformers

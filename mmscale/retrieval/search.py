@@ -58,6 +58,37 @@ def _as_sharded(corpus: torch.Tensor | ShardedRows) -> ShardedRows:
     return corpus if isinstance(corpus, ShardedRows) else ShardedRows.whole(corpus)
 
 
+class _SameGroup:
+    """The (row, corpus index) pairs of a query block that share a duplicate group, from a CSR of the groups.
+
+    Duplicates are few, so the pairs are handled sparsely: no [queries x corpus] mask is ever made.
+    """
+
+    def __init__(self, query_groups: torch.Tensor, corpus_groups: torch.Tensor) -> None:
+        self.query_groups = query_groups
+        self.order = torch.argsort(corpus_groups, stable=True)
+        self.sorted = corpus_groups[self.order]
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pairs(self, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row in the block, global corpus index) of every same-group pair of queries q0..q1."""
+        if q0 not in self._cache:
+            groups = self.query_groups[q0:q1]
+            start = torch.searchsorted(self.sorted, groups)
+            size = torch.searchsorted(self.sorted, groups, right=True) - start
+            total = int(size.sum())
+            rows = torch.repeat_interleave(torch.arange(q1 - q0, device=groups.device), size, output_size=total)
+            first = torch.repeat_interleave(start - (torch.cumsum(size, 0) - size), size, output_size=total)
+            self._cache[q0] = (rows, self.order[first + torch.arange(total, device=groups.device)])
+        return self._cache[q0]
+
+    def in_block(self, q0: int, q1: int, c0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of the same-group pairs inside the block of corpus columns c0..c0 + width."""
+        rows, cols = self.pairs(q0, q1)
+        inside = (cols >= c0) & (cols < c0 + width)
+        return rows[inside], cols[inside] - c0
+
+
 def exact_topk(
     queries: torch.Tensor,
     corpus: torch.Tensor | ShardedRows,
@@ -67,13 +98,15 @@ def exact_topk(
     query_groups: torch.Tensor | None = None,
     corpus_groups: torch.Tensor | None = None,
     same_group: str = "keep",
+    group_stats: tuple[str, ...] = ("min", "max"),
     targets: torch.Tensor | None = None,
 ) -> SearchResult:
     """Top-k corpus items per query by inner product, best first (collective when `corpus` is sharded).
 
     `query_groups [Q]` and `corpus_groups [N]` (global) name duplicate groups; with them the
-    result also carries each query's lowest and highest same-group score. `targets [Q]` (global
-    indices, e.g. the positives) adds each query's score of its target, from the same products.
+    result also carries each query's lowest and highest same-group score (`group_stats`).
+    `targets [Q]` (global indices, e.g. the positives) adds each query's score of its target,
+    from the same products.
     """
     corpus = _as_sharded(corpus)
     if queries.ndim != 2 or (queries.shape[1] != corpus.dim and len(corpus) and queries.shape[0]):
@@ -91,30 +124,33 @@ def exact_topk(
     best_key = torch.full((n, k), float("-inf"), dtype=key_dtype, device=device)
     best_score = torch.full((n, k), float("-inf"), device=device)
     best_index = torch.full((n, k), -1, dtype=torch.long, device=device)
-    group_min = torch.full((n,), float("inf"), device=device) if grouped else None
-    group_max = torch.full((n,), float("-inf"), device=device) if grouped else None
-    if grouped:
-        query_groups, corpus_groups = query_groups.to(device), corpus_groups.to(device)
+    group_min = torch.full((n,), float("inf"), device=device) if grouped and "min" in group_stats else None
+    group_max = torch.full((n,), float("-inf"), device=device) if grouped and "max" in group_stats else None
+    same = _SameGroup(query_groups.to(device), corpus_groups.to(device)) if grouped else None
     target_scores = None
     if targets is not None:
         targets = targets.to(device)
         target_scores = torch.full((n,), float("nan"), device=device)
 
     for q0, q1, c0, scores in _blocks(queries, corpus, block_size):
-        key = scores
         if targets is not None:
             local = targets[q0:q1] - c0
             inside = (local >= 0) & (local < scores.shape[1])
             picked = scores.gather(1, local.clamp(0, scores.shape[1] - 1)[:, None]).squeeze(1)
             target_scores[q0:q1] = torch.where(inside, picked, target_scores[q0:q1])
-        if grouped:
-            same = query_groups[q0:q1, None] == corpus_groups[None, c0 : c0 + scores.shape[1]]
-            group_min[q0:q1] = torch.minimum(group_min[q0:q1], scores.masked_fill(~same, float("inf")).amin(1))
-            group_max[q0:q1] = torch.maximum(group_max[q0:q1], scores.masked_fill(~same, float("-inf")).amax(1))
+        key = scores
+        if same is not None:
+            rows, cols = same.in_block(q0, q1, c0, scores.shape[1])
+            values = scores[rows, cols]
+            if group_min is not None:
+                group_min[q0:q1] = group_min[q0:q1].scatter_reduce(0, rows, values, reduce="amin")
+            if group_max is not None:
+                group_max[q0:q1] = group_max[q0:q1].scatter_reduce(0, rows, values, reduce="amax")
             if same_group == "exclude":
-                key = scores.masked_fill(same, float("-inf"))
+                scores[rows, cols] = float("-inf")  # the block is ours: drop the group in place
             elif same_group == "last":
-                key = against_ties(scores, same)
+                key = scores.double()
+                key[rows, cols] = against_ties(values, torch.ones_like(values, dtype=torch.bool))
         if not k:
             continue
         top_key, pos = key.topk(min(k, key.shape[1]), dim=1)
@@ -153,7 +189,7 @@ def rank_queries(
     device = queries.device
     query_groups, corpus_groups = query_groups.to(device), corpus_groups.to(device)
     found = exact_topk(queries, corpus, k, block_size=block_size, query_groups=query_groups,
-                       corpus_groups=corpus_groups, same_group="last")  # fmt: skip
+                       corpus_groups=corpus_groups, same_group="last", group_stats=("max",))  # fmt: skip
     valid = found.indices >= 0
     hits = valid & (corpus_groups[found.indices.clamp(min=0)] == query_groups[:, None])
     width = hits.shape[1]
@@ -170,11 +206,13 @@ def _count_at_least(queries, corpus, thresholds, query_groups, corpus_groups, wa
     """Irrelevant candidates scoring >= each query's threshold, for the `wanted` queries (collective)."""
     counts = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     wanted_host = wanted.cpu()
+    same = _SameGroup(query_groups, corpus_groups)
 
     def skip(q0: int, q1: int) -> bool:
         return not bool(wanted_host[q0:q1].any())
 
     for q0, q1, c0, scores in _blocks(queries, corpus, block_size, skip=skip):
-        same = query_groups[q0:q1, None] == corpus_groups[None, c0 : c0 + scores.shape[1]]
-        counts[q0:q1] += ((scores >= thresholds[q0:q1, None]) & ~same).sum(1)
+        above = scores >= thresholds[q0:q1, None]
+        rows, cols = same.in_block(q0, q1, c0, scores.shape[1])
+        counts[q0:q1] += above.sum(1) - torch.zeros_like(counts[q0:q1]).index_add_(0, rows, above[rows, cols].long())
     return counts
