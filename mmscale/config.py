@@ -192,7 +192,7 @@ class MineConfig:
     relative_margin: float | None = None  # keep negatives scoring <= positive - |positive| * relative_margin; null: no rule
     sampling_strategy: str = "top"  # top | random
     seed: int = 0  # for sampling_strategy random
-    block_size: int = 4096  # queries (and corpus rows) per block of the exact top-k search on each rank's device
+    block_size: int = 4096  # the exact search scores blocks of about block_size x block_size on each rank's device
     groups_per_shard: int = 1000  # groups per WebDataset shard under OUTPUT/groups/; 0: write only the JSONL
     overwrite: bool = False  # replace the results of an earlier `mmscale mine` in the same output
 

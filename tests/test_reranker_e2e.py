@@ -148,6 +148,7 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the reranker learns
     assert (run / "checkpoints/step_00000016/complete.json").is_file()
     results = json.loads((run / "eval.json").read_text())
+    assert results["checkpoint"]["step"] == 16 and results["bi_encoder_checkpoint"]["step"] == 1
     assert results["queries"] == 24 and set(results["reranked"]) == {
         "recall@1",
         "recall@5",

@@ -2,8 +2,8 @@
 
 Scores are inner products: with L2-normalised embeddings they are cosine similarities. Every
 rank searches its own queries against the whole corpus, visited one rank's part at a time
-(`ShardedRows.parts`), in blocks of `block_size x block_size` scores, keeping a running top-k
-per query: memory is the rank's queries x k, never queries x corpus.
+(`ShardedRows.parts`), in blocks of about `block_size x block_size` scores, keeping a running
+top-k per query: memory is the rank's queries x k, never queries x corpus.
 
 Duplicate groups enter the search itself: `same_group="exclude"` drops a query's own group
 (mining: the positive and its duplicates are never candidates, whatever the group's size, so k
@@ -39,19 +39,24 @@ class SearchResult:
 def _blocks(queries: torch.Tensor, corpus: ShardedRows, block_size: int, skip=None) -> Iterator[tuple]:
     """(q0, q1, global c0, scores [q1 - q0, c]) of every block (collective through `corpus.parts`).
 
-    The partition into blocks is a function of the shapes only, so two scans compute every score
-    with the same matrix product: equal inputs give bit-equal scores, which ties rely on.
-    `skip(q0, q1)` leaves out query blocks without their product (the parts still travel).
+    A block holds about block_size x block_size scores, shaped wide (up to 8 x block_size corpus
+    columns): top-k over long rows costs less per score, and fewer merges are needed. The
+    partition is a function of the shapes only, so two scans compute every score with the same
+    matrix product: equal inputs give bit-equal scores, which ties rely on. `skip(q0, q1)` leaves
+    out query blocks without computing them (the parts still travel).
     """
+    area = block_size * block_size
     for offset, rows in corpus.parts():
         rows = rows.to(queries.device, non_blocking=True).float()
-        for q0 in range(0, queries.shape[0], block_size):
-            q1 = min(q0 + block_size, queries.shape[0])
+        width = max(1, min(rows.shape[0], 8 * block_size))
+        height = max(1, area // width)
+        for q0 in range(0, queries.shape[0], height):
+            q1 = min(q0 + height, queries.shape[0])
             if skip is not None and skip(q0, q1):
                 continue
             q = queries[q0:q1].float()
-            for c0 in range(0, rows.shape[0], block_size):
-                yield q0, q1, offset + c0, q @ rows[c0 : c0 + block_size].T
+            for c0 in range(0, rows.shape[0], width):
+                yield q0, q1, offset + c0, q @ rows[c0 : c0 + width].T
 
 
 def _as_sharded(corpus: torch.Tensor | ShardedRows) -> ShardedRows:
@@ -68,19 +73,19 @@ class _SameGroup:
         self.query_groups = query_groups
         self.order = torch.argsort(corpus_groups, stable=True)
         self.sorted = corpus_groups[self.order]
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pairs(self, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row in the block, global corpus index) of every same-group pair of queries q0..q1."""
-        if q0 not in self._cache:
+        if (q0, q1) not in self._cache:
             groups = self.query_groups[q0:q1]
             start = torch.searchsorted(self.sorted, groups)
             size = torch.searchsorted(self.sorted, groups, right=True) - start
             total = int(size.sum())
             rows = torch.repeat_interleave(torch.arange(q1 - q0, device=groups.device), size, output_size=total)
             first = torch.repeat_interleave(start - (torch.cumsum(size, 0) - size), size, output_size=total)
-            self._cache[q0] = (rows, self.order[first + torch.arange(total, device=groups.device)])
-        return self._cache[q0]
+            self._cache[(q0, q1)] = (rows, self.order[first + torch.arange(total, device=groups.device)])
+        return self._cache[(q0, q1)]
 
     def in_block(self, q0: int, q1: int, c0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, column) of the same-group pairs inside the block of corpus columns c0..c0 + width."""
