@@ -28,6 +28,7 @@ bench: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) tools/bench_data.py
 	DS_ACCELERATOR=cpu $(PY) tools/bench_gradcache.py
 	DS_ACCELERATOR=cpu $(PY) tools/bench_gradcache.py --skip_memory --zero_stage 0 --out bench_results/gradcache_zero0.json
+	DS_ACCELERATOR=cpu $(PY) tools/bench_mining.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_mine(args: argparse.Namespace) -> int:
     cfg = _load(args, stage="mine")
-    from mmscale.retrieval.mining import run_mine
+    from mmscale.mine import run_mine
 
     return run_mine(cfg) or 0
 

@@ -188,15 +188,16 @@ class MineConfig:
     checkpoint: str = ""  # a training checkpoint or an export directory
     data: str = ""  # shards to mine; defaults to data.train
     output: str = ""  # defaults to OUTPUT_DIR/mined
-    range_min: int = 0  # skip the first range_min candidates by rank
-    range_max: int = 100  # consider candidates up to this rank
+    range_min: int = 0  # skip the first range_min candidates that pass the margins
+    range_max: int = 100  # consider the range_max best candidates that are neither the positive nor a duplicate
     num_negatives: int = 7  # negatives kept per query
     absolute_margin: float | None = None  # keep negatives scoring <= positive - absolute_margin; null: no rule
-    relative_margin: float | None = None  # keep negatives scoring <= positive * (1 - relative_margin); null: no rule
+    relative_margin: float | None = None  # keep negatives scoring <= positive - |positive| * relative_margin; null: no rule
     sampling_strategy: str = "top"  # top | random
     seed: int = 0  # for sampling_strategy random
-    block_size: int = 4096  # queries scored per block of the exact top-k search
-    use_faiss: bool = False  # use a flat FAISS index when faiss is installed
+    block_size: int = 4096  # the exact search scores blocks of about block_size x block_size on each rank's device
+    groups_per_shard: int = 1000  # groups per WebDataset shard under OUTPUT/groups/; 0: write only the JSONL
+    overwrite: bool = False  # replace the results of an earlier `mmscale mine` in the same output
 
 
 @dataclass
@@ -508,6 +509,13 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         margin = getattr(cfg.mine, name)
         _check(margin is None or margin >= 0, f"mine.{name}", f"must be >= 0 or null, got {margin}")
     _check(cfg.mine.block_size >= 1, "mine.block_size", "must be >= 1")
+    _check(
+        cfg.mine.num_negatives <= cfg.mine.range_max - cfg.mine.range_min,
+        "mine.num_negatives",
+        f"{cfg.mine.num_negatives} negatives cannot fit in the {cfg.mine.range_max - cfg.mine.range_min} candidates "
+        "between mine.range_min and mine.range_max",
+    )
+    _check(cfg.mine.groups_per_shard >= 0, "mine.groups_per_shard", "must be >= 0 (0: no group shards)")
     _check(cfg.rerank.group_size >= 2, "rerank.group_size", "needs a positive and at least one negative")
     _check(cfg.rerank.distill_temperature > 0, "rerank.distill_temperature", "must be > 0")
     _check(cfg.rerank.fusion_dim % cfg.rerank.fusion_heads == 0, "rerank.fusion_dim", "must be divisible by rerank.fusion_heads")

@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
     timings["mine"] = _run(
         "hard-negative mining",
         _launcher(ranks, ["mine", str(DEMO_CONFIG), f"output_dir={bienc}", f"mine.checkpoint={bienc}",
-                          f"mine.output={mined}", *common]),
+                          f"mine.output={mined}", "mine.overwrite=true", *common]),
         env,
     )
     timings["rerank"] = _run(

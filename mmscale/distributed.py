@@ -238,6 +238,46 @@ def all_gather_padded(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
 
 
+def broadcast_tensor(t: torch.Tensor, src: int, async_op: bool = False):
+    """Rank `src`'s tensor into `t` on every rank (same shape and dtype everywhere, on the communication device).
+
+    With `async_op` the work handle is returned (call `.wait()` before reading `t`), so the next
+    block of a ring of broadcasts can travel while this one is being used.
+    """
+    if not is_initialized() or get_world_size() == 1:
+        return None
+    return dist.broadcast(t, src=src, async_op=async_op)
+
+
+def all_to_all_bytes(outgoing: list[bytes]) -> list[bytes]:
+    """Send `outgoing[r]` to rank r and return what every rank sent to this one, in rank order.
+
+    Payloads may differ in size (and be empty); they travel as uint8 on the communication device
+    in one all_to_all after one all_to_all of their sizes.
+    """
+    world_size = get_world_size()
+    if len(outgoing) != world_size:
+        raise ValueError(f"need one payload per rank ({world_size}), got {len(outgoing)}")
+    if not is_initialized() or world_size == 1:
+        return [bytes(outgoing[0])]
+    device = comm_device()
+    sizes = torch.tensor([len(b) for b in outgoing], dtype=torch.int64, device=device)
+    incoming_sizes = torch.empty_like(sizes)
+    dist.all_to_all_single(incoming_sizes, sizes)
+    send_sizes, recv_sizes = sizes.tolist(), incoming_sizes.tolist()
+    flat = b"".join(outgoing)
+    send = torch.frombuffer(bytearray(flat), dtype=torch.uint8) if flat else torch.empty(0, dtype=torch.uint8)
+    send = send.to(device)
+    recv = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes)
+    data = recv.cpu().numpy().tobytes()
+    out, start = [], 0
+    for size in recv_sizes:
+        out.append(data[start : start + size])
+        start += size
+    return out
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's [n, ...] tensor into [W * n, ...], rank order, with an exact backward."""
 

@@ -1,14 +1,14 @@
-"""Image-text retrieval evaluation (Recall@k, mean rank) and optional zero-shot classification.
+"""Image-text retrieval evaluation (Recall@k, MRR@10, nDCG@10, mean and median rank), zero-shot classification.
 
 Ground truth: caption i belongs to image i (the same sample). When several samples share a
-caption (or a key), each of their captions counts as correct for each of their images and
-vice versa (`retrieval.mining.duplicate_groups`); otherwise a model would be punished for
-ranking an identical caption first.
+caption (or a key), each of their captions counts as correct for each of their images and vice
+versa (`retrieval.corpus.duplicate_groups`); otherwise a model would be punished for ranking an
+identical caption first. Ties are broken against the query (`retrieval.metrics`).
 
-Distributed: every rank encodes its own shards, the embeddings are gathered (padded, since
-ranks hold different sample counts, possibly none), then every rank scores its contiguous
-share of the queries in blocks and the ranks are gathered, so all ranks return the same
-metrics and none sits idle inside a collective while rank 0 does all the work.
+Distributed: every rank encodes its own shards (`retrieval.encode.encode_shards`) and searches its
+own queries against the whole corpus (`retrieval.search.rank_queries`, the corpus visited one
+rank's part at a time); only the per-query rankings are gathered, so every rank returns the same
+metrics and none sits idle while another does the work.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,165 +28,46 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import DataConfig, EvalConfig, ImagePreprocess
+from mmscale.retrieval.corpus import Corpus, build_corpus
+from mmscale.retrieval.encode import EncodedShards, encode_shards
+from mmscale.retrieval.metrics import Ranking, retrieval_metrics
+from mmscale.retrieval.rerank_eval import candidates_needed, text_to_image
+from mmscale.retrieval.search import SearchResult, rank_queries
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK = 1024
+MRR_K = NDCG_K = 10
 
 
-# --------------------------------------------------------------------------- scoring (pure)
+# --------------------------------------------------------------------------- retrieval
 
 
-def positive_ranks(
-    queries: torch.Tensor,
-    candidates: torch.Tensor,
-    query_groups: torch.Tensor,
-    candidate_groups: torch.Tensor,
-    block_size: int = DEFAULT_BLOCK,
-) -> torch.Tensor:
-    """1-based rank of each query's best-scoring correct candidate (correct = same group).
-
-    Rank = 1 + number of wrong candidates scoring strictly higher than it; scored in blocks
-    of queries so the full score matrix never exists.
-    """
-    out = []
-    for start in range(0, queries.shape[0], block_size):
-        q = queries[start : start + block_size].float()
-        scores = q @ candidates.float().T  # [b, N]
-        correct = (query_groups[start : start + block_size, None] == candidate_groups[None, :]).to(scores.device)
-        best = scores.masked_fill(~correct, float("-inf")).max(dim=1).values
-        out.append(1 + ((scores > best[:, None]) & ~correct).sum(dim=1))
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def metrics_from_ranks(ranks: torch.Tensor, ks: Sequence[int], prefix: str) -> dict[str, float]:
-    """`{prefix}recall@k` for each k, `{prefix}mean_rank` and `{prefix}median_rank`."""
-    r = ranks.double()
-    out = {f"{prefix}recall@{k}": (r <= k).double().mean().item() for k in ks}
-    out[f"{prefix}mean_rank"] = r.mean().item()
-    out[f"{prefix}median_rank"] = r.median().item()
-    return out
-
-
-def retrieval_metrics(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    ks: Sequence[int] = (1, 5, 10),
-    groups: torch.Tensor | None = None,
-    block_size: int = DEFAULT_BLOCK,
-) -> dict[str, float]:
-    """Image->text (`i2t_`) and text->image (`t2i_`) Recall@k and mean/median rank; row i of both is one sample.
-
-    `groups[i]` marks samples whose captions are interchangeable (default: every sample its own).
-    Embeddings are L2-normalised here, so any scale works.
-    """
-    if image_emb.shape[0] != text_emb.shape[0]:
-        raise ValueError(f"{image_emb.shape[0]} images but {text_emb.shape[0]} captions")
-    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
-    if groups is None:
-        groups = torch.arange(image_emb.shape[0])
-    i2t = positive_ranks(image_emb, text_emb, groups, groups, block_size)
-    t2i = positive_ranks(text_emb, image_emb, groups, groups, block_size)
-    return _combine(i2t, t2i, ks, image_emb.shape[0])
-
-
-def _combine(i2t: torch.Tensor, t2i: torch.Tensor, ks: Sequence[int], n: int) -> dict[str, float]:
-    out = {**metrics_from_ranks(i2t, ks, "i2t_"), **metrics_from_ranks(t2i, ks, "t2i_")}
-    out["mean_recall"] = sum(out[f"{d}_recall@{k}"] for d in ("i2t", "t2i") for k in ks) / (2 * len(ks))
-    out["samples"] = float(n)
-    return out
-
-
-def distributed_retrieval_metrics(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    keys: Sequence[str],
-    texts: Sequence[str],
+def retrieval_both_ways(
+    enc: EncodedShards,
+    corpus: Corpus,
     ks: Sequence[int] = (1, 5, 10),
     block_size: int = DEFAULT_BLOCK,
-) -> dict[str, float]:
-    """`retrieval_metrics` over the samples of all ranks, each rank passing its own (collective)."""
-    from mmscale.retrieval.mining import duplicate_groups
+    rerank_depth: int = 0,
+) -> tuple[dict[str, float], tuple[Ranking, SearchResult]]:
+    """Image->text (`i2t_`) and text->image (`t2i_`) metrics over every rank's samples (collective).
 
-    all_images = F.normalize(distributed.all_gather_padded(image_emb.float()), dim=-1)
-    all_texts = F.normalize(distributed.all_gather_padded(text_emb.float()), dim=-1)
-    all_keys = [k for part in distributed.all_gather_object(list(keys)) for k in part]
-    all_captions = [t for part in distributed.all_gather_object(list(texts)) for t in part]
-    n = all_images.shape[0]
-    if n == 0:
+    Also returns this rank's text->image ranking and its top candidates (at least `rerank_depth`
+    deep), so that re-ranking starts from the very search these metrics came from.
+    """
+    if len(corpus) == 0:
         raise ValueError("evaluation: no samples on any rank")
-    groups = duplicate_groups(all_keys, all_captions)
-    # Each rank scores a contiguous slice of the queries; gathering in rank order restores the order.
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    i2t = positive_ranks(all_images[lo:hi], all_texts, groups[lo:hi], groups, block_size)
-    t2i = positive_ranks(all_texts[lo:hi], all_images, groups[lo:hi], groups, block_size)
-    i2t, t2i = distributed.all_gather_padded(i2t), distributed.all_gather_padded(t2i)
-    return _combine(i2t, t2i, ks, n)
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-@torch.no_grad()
-def encode_batches(
-    model: nn.Module,
-    batches: Iterable[dict[str, Any]],
-    device: torch.device | str = "cpu",
-    lockstep_forwards: bool = False,
-    image_size: int = 224,
-) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
-    """(image_emb, text_emb, keys, texts) of this rank's batches.
-
-    `lockstep_forwards` (ZeRO-3): every forward gathers parameters from all ranks, so a rank that
-    ran out of batches keeps running throw-away forwards until every rank has finished.
-    """
-    images, texts_emb, keys, texts = [], [], [], []
-    it = iter(batches)
-    dummy = None
-    while True:
-        batch = next(it, None)
-        if lockstep_forwards and not distributed.any_rank(batch is not None):
-            break
-        if batch is None and not lockstep_forwards:
-            break
-        inputs = _inputs(batch, device) if batch is not None else dummy or _dummy_inputs(image_size, device)
-        out = model(**inputs)
-        if batch is None:
-            continue
-        dummy = {k: v[:1] for k, v in inputs.items()}
-        # Kept on the device: the metrics gather them there (NCCL takes CUDA tensors only).
-        images.append(out["image_emb"].float())
-        texts_emb.append(out["text_emb"].float())
-        keys.extend(batch["key"])
-        texts.extend(batch["text"])
-    dim = _embed_dim(model)
-    return (
-        torch.cat(images) if images else torch.empty(0, dim, device=device),
-        torch.cat(texts_emb) if texts_emb else torch.empty(0, dim, device=device),
-        keys,
-        texts,
-    )
-
-
-def _inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": batch["image"].to(device),
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
+    k = candidates_needed(0, ks, len(corpus))
+    own = corpus.groups[corpus.local_indices]
+    i2t, _ = rank_queries(enc.image_emb, corpus.texts, own, corpus.groups, k, block_size=block_size)
+    t2i = text_to_image(enc, corpus, candidates_needed(rerank_depth, ks, len(corpus)), block_size)
+    metrics = {
+        **retrieval_metrics(i2t.gathered(), ks, MRR_K, NDCG_K, prefix="i2t_"),
+        **retrieval_metrics(t2i[0].gathered(), ks, MRR_K, NDCG_K, prefix="t2i_"),
     }
-
-
-def _dummy_inputs(image_size: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.zeros(1, 3, image_size, image_size, device=device),
-        "input_ids": torch.ones(1, 2, dtype=torch.long, device=device),
-        "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
-    }
-
-
-def _embed_dim(model: nn.Module) -> int:
-    return int(getattr(model, "embed_dim", 0))
+    metrics["mean_recall"] = sum(metrics[f"{d}_recall@{k}"] for d in ("i2t", "t2i") for k in ks) / (2 * len(ks))
+    metrics["samples"] = float(len(corpus))
+    return metrics, t2i
 
 
 # --------------------------------------------------------------------------- zero-shot
@@ -268,6 +149,14 @@ def evaluate_model(
     lockstep_forwards: bool = False,
 ) -> dict[str, float]:
     """Encode `urls` on all ranks and return retrieval (and zero-shot) metrics on every rank (collective)."""
+    metrics, _ = _evaluate(model, urls, tokenizer=tokenizer, preprocess=preprocess, max_length=max_length,
+                           eval_cfg=eval_cfg, data_cfg=data_cfg, device=device, lockstep=lockstep_forwards)  # fmt: skip
+    return metrics
+
+
+def _evaluate(model, urls, *, tokenizer, preprocess, max_length, eval_cfg, data_cfg=None, device="cpu",
+              lockstep=False, rerank_depth=0):  # fmt: skip
+    """(metrics, (encoded split, corpus, text->image search)) of `evaluate_model`."""
     from mmscale.data import build_eval_loader
 
     data_cfg = data_cfg or DataConfig()
@@ -287,48 +176,90 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        image_emb, text_emb, keys, texts = encode_batches(model, loader, device, lockstep_forwards, preprocess.size)
-        metrics = distributed_retrieval_metrics(image_emb, text_emb, keys, texts, eval_cfg.ks)
+        enc = encode_shards(model, loader, device=device, lockstep=lockstep, keep_pixels=rerank_depth > 0)
+        corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
+        metrics, t2i = retrieval_both_ways(enc, corpus, eval_cfg.ks, rerank_depth=rerank_depth)
         if eval_cfg.zero_shot_classes:
             classes, templates = load_zero_shot(eval_cfg.zero_shot_classes)
             metrics.update(
-                zero_shot_metrics(model, tokenizer, image_emb, texts, classes, templates, max_length, device)
+                zero_shot_metrics(model, tokenizer, enc.image_emb, enc.texts, classes, templates, max_length, device)
             )
     finally:
         model.train(was_training)
-    bad = distributed.all_gather_object(loader.bad_samples)
+    bad = distributed.all_gather_object(enc.bad_samples)
     metrics["bad_samples"] = float(sum(sum(b.values()) for b in bad))
-    return metrics
+    return metrics, (enc, corpus, t2i)
+
+
+# --------------------------------------------------------------------------- loading what was trained
+
+
+def resolve_trained(path: str | Path) -> dict[str, Any]:
+    """What `path` (a run directory, a step directory or an export) resolves to: {"path", "step", "kind", ...}.
+
+    Recorded in eval.json and mining's summary.json, so a result names the checkpoint it came from.
+    """
+    from mmscale.export import CONFIG_FILE, is_export_dir, resolve_checkpoint
+
+    if is_export_dir(path):
+        source = json.loads((Path(path) / CONFIG_FILE).read_text()).get("source", {})
+        return {"path": str(Path(path).resolve()), "kind": "export", "step": source.get("step"),
+                "source_checkpoint": source.get("checkpoint")}  # fmt: skip
+    step_dir = resolve_checkpoint(path)
+    meta_file = step_dir / "complete.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return {"path": str(step_dir.resolve()), "kind": "checkpoint", "step": meta.get("step"), "given": str(path)}
+
+
+def load_trained(path: str | Path, kind: str = "dual_encoder"):
+    """(model of `kind` in eval mode, its ModelConfig) from a training checkpoint or an export.
+
+    The config is self-contained (rebuilds the towers without the hub) and its
+    `text.tokenizer` names a local tokenizer: the run's own, or the export's copy.
+    """
+    from mmscale.export import is_export_dir, load_model
+    from mmscale.models import resolve_model_path
+
+    model, spec = load_model(path)  # an export's spec already anchors its tokenizer directory
+    if spec.kind != kind:
+        raise ValueError(f"{path}: holds a {spec.kind}, not the {kind} asked for")
+    model_cfg = spec.model
+    if not is_export_dir(path):
+        model_cfg.text.tokenizer = resolve_model_path(model_cfg.text.tokenizer or model_cfg.text.name_or_path)
+    return model.eval(), model_cfg
+
+
+def load_bi_encoder(path: str | Path):
+    """(dual encoder in eval mode, its ModelConfig) from a training checkpoint or an export."""
+    return load_trained(path, "dual_encoder")
+
+
+# --------------------------------------------------------------------------- `mmscale eval`
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """`mmscale eval MODEL --data URLS [--output eval.json]`: a checkpoint or an export, one or many ranks."""
     import os
 
-    from mmscale.config import EvalConfig
     from mmscale.models import load_tokenizer
-    from mmscale.retrieval.encode import load_bi_encoder
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     info = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         info = distributed.init_distributed(timeout_s=int(os.environ.get("MMSCALE_TIMEOUT_S", "1800")))
     device = info.device if info is not None else torch.device("cpu")
-    model, model_cfg = load_bi_encoder(args.model)
+    checkpoint = resolve_trained(args.model)
+    model, model_cfg = load_bi_encoder(checkpoint["path"])  # the resolved step: a newer save cannot slip in
     model.to(device)
     eval_cfg = EvalConfig(batch_size=args.batch_size, zero_shot_classes=args.zero_shot)
-    metrics = evaluate_model(
-        model,
-        args.data,
-        tokenizer=load_tokenizer(model_cfg.text),
-        preprocess=model.preprocess,
-        max_length=model_cfg.text.max_length,
-        eval_cfg=eval_cfg,
-        device=device,
-    )
-    report = {"model": str(args.model), "data": args.data, "metrics": metrics}
+    metrics, (enc, corpus, t2i) = _evaluate(
+        model, args.data, tokenizer=load_tokenizer(model_cfg.text), preprocess=model.preprocess,
+        max_length=model_cfg.text.max_length, eval_cfg=eval_cfg, device=device,
+        rerank_depth=args.top_k if getattr(args, "reranker", "") else 0,
+    )  # fmt: skip
+    report: dict[str, Any] = {"model": str(args.model), "checkpoint": checkpoint, "data": args.data, "metrics": metrics}
     if getattr(args, "reranker", ""):
-        report["rerank"] = _evaluate_reranker(args, model, device)
+        report["rerank"] = _evaluate_reranker(args, enc, corpus, t2i, eval_cfg.ks, device)
     if distributed.get_rank() == 0:
         text = json.dumps(report, indent=2)
         print(text)
@@ -343,21 +274,17 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_reranker(args: argparse.Namespace, bi_encoder, device) -> dict:
-    """Bi-encoder alone vs its top-k re-ranked by `args.reranker`, on every rank together."""
-    from mmscale.data import build_eval_loader
+def _evaluate_reranker(args: argparse.Namespace, enc: EncodedShards, corpus: Corpus, t2i, ks, device) -> dict:
+    """The bi-encoder's own text->image search (the one its metrics came from) re-ranked by `args.reranker`."""
     from mmscale.models import load_tokenizer
-    from mmscale.retrieval.encode import load_trained
-    from mmscale.retrieval.rerank_eval import evaluate_rerank
+    from mmscale.retrieval.rerank_eval import rerank_metrics
 
-    reranker, rerank_model_cfg = load_trained(args.reranker, "reranker")
-    tokenizer = load_tokenizer(rerank_model_cfg.text)
-    batches = build_eval_loader(
-        args.data, batch_size=args.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
-        preprocess=bi_encoder.preprocess, tokenizer=tokenizer,
-        max_length=rerank_model_cfg.text.max_length,
+    reranker_checkpoint = resolve_trained(args.reranker)
+    reranker, rerank_model_cfg = load_trained(reranker_checkpoint["path"], "reranker")
+    ranking, found = t2i
+    results = rerank_metrics(
+        reranker.to(device), enc, corpus, ranking, found, tokenizer=load_tokenizer(rerank_model_cfg.text),
+        max_length=rerank_model_cfg.text.max_length, top_k=args.top_k, ks=ks, device=device,
     )  # fmt: skip
-    return evaluate_rerank(
-        bi_encoder, reranker.to(device), batches, tokenizer=tokenizer, max_length=rerank_model_cfg.text.max_length,
-        top_k=args.top_k, device=device,
-    )  # fmt: skip
+    results["reranker_checkpoint"] = reranker_checkpoint
+    return results

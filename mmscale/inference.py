@@ -14,9 +14,7 @@ number, this equals the normalised prefix of the normalised embedding as well.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from torch import nn
 
 from mmscale.config import ImagePreprocess
 from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, read_export
+from mmscale.retrieval.encode import check_truncate_dim, truncate
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
 MAX_PIXELS = 50_000_000  # as data.max_pixels' default: refuse decompression bombs here too
@@ -182,21 +181,9 @@ class EmbeddingModel(_LoadedModel):
         return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
-def check_truncate_dim(truncate_dim: int | None, embed_dim: int) -> None:
-    """Refuse a Matryoshka prefix length outside 1..embed_dim."""
-    if truncate_dim is not None and not 1 <= truncate_dim <= embed_dim:
-        raise ValueError(f"truncate_dim must be in 1..{embed_dim}, got {truncate_dim}")
-
-
 def finish(emb: torch.Tensor, truncate_dim: int | None, normalize: bool, embed_dim: int) -> torch.Tensor:
     """Truncate an un-normalised embedding to its prefix, then (optionally) L2-normalise: float32 on CPU."""
-    check_truncate_dim(truncate_dim, embed_dim)
-    emb = emb.float()
-    if truncate_dim is not None:
-        emb = emb[:, :truncate_dim]
-    if normalize:
-        emb = F.normalize(emb, dim=-1)
-    return emb.cpu()
+    return truncate(emb, truncate_dim, normalize, embed_dim).cpu()
 
 
 class RerankerModel(_LoadedModel):
@@ -252,35 +239,6 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None)
 # --------------------------------------------------------------------------- encoding shard sets
 
 
-class NpyWriter:
-    """Append float32 rows to a .npy file without holding them all in memory."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.raw = path.with_name(path.name + ".part")
-        self.file = open(self.raw, "wb")
-        self.rows = 0
-        self.dim: int | None = None
-
-    def append(self, rows: torch.Tensor) -> None:
-        """Write rows [B, D]."""
-        array = rows.numpy().astype(np.float32, copy=False)
-        self.dim = array.shape[1]
-        self.file.write(np.ascontiguousarray(array).tobytes())
-        self.rows += array.shape[0]
-
-    def close(self, dim: int) -> None:
-        """Write the .npy (header needs the final row count) and drop the raw part."""
-        self.file.close()
-        dim = self.dim or dim
-        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.rows, dim))
-        if self.rows:
-            out[:] = np.memmap(self.raw, dtype=np.float32, mode="r", shape=(self.rows, dim))
-        out.flush()
-        del out
-        self.raw.unlink()
-
-
 def encode_shards(
     model: EmbeddingModel,
     urls: str,
@@ -293,70 +251,38 @@ def encode_shards(
     show_progress: bool = True,
     model_name: str = "",
 ) -> dict[str, Any]:
-    """Write `image_emb.npy`, `text_emb.npy` (row i = `keys.txt` line i) and `meta.json`; returns the meta."""
+    """Write `image_emb.npy`, `text_emb.npy` (row i = `keys.txt` line i) and `meta.json`; returns the meta.
+
+    On several ranks (a launcher's WORLD_SIZE), each encodes its shards and rank 0 joins the parts.
+    """
+    from mmscale import distributed
     from mmscale.data.build import build_eval_loader
+    from mmscale.retrieval.encode import encode_shards as encode
 
     if not isinstance(model, EmbeddingModel):
         raise ValueError("encode needs a dual encoder (this is a reranker export)")
     check_truncate_dim(truncate_dim, model.embed_dim)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    p = model.preprocess
+    rank, world = distributed.world()
     # The evaluation pipeline of training itself: same decoding, eval transform and tokenisation.
     loader = build_eval_loader(
-        urls, batch_size=batch_size, rank=0, world_size=1, preprocess=p,
+        urls, batch_size=batch_size, rank=rank, world_size=world, preprocess=model.preprocess,
         tokenizer=model.tokenizer, max_length=model.max_length, workers=workers, image_keys=image_keys,
         text_key=text_key,
     )  # fmt: skip
-    image_out, text_out = NpyWriter(out / "image_emb.npy"), NpyWriter(out / "text_emb.npy")
-    bar = _sample_bar(urls, show_progress)
-    with open(out / "keys.txt", "w") as keys_file:
-        for batch in loader:
-            if not batch["key"]:
-                continue
-            image_out.append(model.encode_pixels(batch["image"], truncate_dim=truncate_dim))
-            text_out.append(model.encode_tokens(batch["input_ids"], batch["attention_mask"], truncate_dim=truncate_dim))
-            keys_file.writelines(f"{k}\n" for k in batch["key"])
-            if bar is not None:
-                bar.update(len(batch["key"]))
-                bar.set_postfix(bad=sum(loader.bad_samples.values()))
-    if bar is not None:
-        bar.close()
-    dim = truncate_dim or model.embed_dim
-    image_out.close(dim)
-    text_out.close(dim)
-    meta = {
-        "model": model_name,
-        "count": image_out.rows,
-        "dim": dim,
-        "truncate_dim": truncate_dim,
-        "normalized": True,
-        "data": urls,
-        "bad_samples": loader.bad_samples,
-        "seconds": round(time.time() - start, 3),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
-def _sample_bar(urls: str, show: bool):
-    """A tqdm bar counting samples; its total comes from shard manifests when every shard has one (no scan)."""
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    from mmscale.data.manifest import shard_sample_counts
-    from mmscale.data.urls import expand_urls
-
-    counts = shard_sample_counts(expand_urls(urls), scan=False)
-    total = sum(counts.values()) if all(c is not None for c in counts.values()) else None
-    return tqdm(total=total, desc="encode", unit="sample")
+    with torch.inference_mode():
+        enc = encode(model.model, loader, device=model.device, keep=False, output=output, truncate_dim=truncate_dim,
+                     progress=show_progress, meta={"model": model_name, "data": urls})  # fmt: skip
+    return enc.meta
 
 
 def encode_shards_cli(args: argparse.Namespace) -> int:
-    """`mmscale encode MODEL --data URLS --output DIR`: embeddings of a shard set on disk."""
-    model = load(args.model, device=args.device)
+    """`mmscale encode MODEL --data URLS --output DIR`: embeddings of a shard set on disk (one or many ranks)."""
+    from mmscale import distributed
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = str(distributed.init_distributed(timeout_s=int(os.environ.get("MMSCALE_TIMEOUT_S", "1800"))).device)
+    model = load(args.model, device=device)
     meta = encode_shards(
         model,
         args.data,
@@ -368,5 +294,7 @@ def encode_shards_cli(args: argparse.Namespace) -> int:
         workers=args.workers,
         model_name=str(args.model),
     )
-    print(f"encoded {meta['count']} samples (dim {meta['dim']}) -> {args.output}; bad samples: {meta['bad_samples']}")
+    if distributed.get_rank() == 0:
+        print(f"encoded {meta['count']} samples (dim {meta['dim']}) -> {args.output}; bad samples: {meta['bad_samples']}")
+    distributed.destroy()
     return 0

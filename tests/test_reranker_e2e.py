@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def write_bi_encoder_checkpoint(cfg_dict: dict, out: Path) -> Path:
     return step
 
 
-def launch(command: str, config: Path, *overrides: str, ranks: int = 2, timeout: int = 400):
+def launch(command: str, config: Path | str, *overrides: str, ranks: int = 2, timeout: int = 400):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
     args = [str(deepspeed), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port()),
@@ -81,6 +82,24 @@ def _loader_tokenizes_real_tokenizer() -> bool:
     return True
 
 
+def _split_with_twins(val: Path, out: Path) -> Path:
+    """`val`'s shards plus one holding 4 of its images again, under new keys and captions (exact ties)."""
+    import shutil
+
+    from mmscale.data.shards import read_shards
+    from mmscale.data.writer import ShardWriter
+
+    out.mkdir()
+    tars = sorted(val.glob("*.tar"))
+    for tar in tars:
+        shutil.copy(tar, out / tar.name)
+    samples = list(read_shards([str(tars[0])], Counter()))[:4]
+    with ShardWriter(out, 100, first_shard=90) as writer:
+        for n, sample in enumerate(samples):
+            writer.write({"jpg": sample["jpg"], "txt": f"the same picture as sample {n}".encode()})
+    return out
+
+
 @pytest.mark.slow
 def test_mine_then_rerank_two_ranks(tmp_path):
     if not _loader_tokenizes_real_tokenizer():
@@ -97,7 +116,9 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     mined = tmp_path / "run/mined"
     groups = [json.loads(line) for line in (mined / "hard_negatives.jsonl").read_text().splitlines()]
     summary = json.loads((mined / "summary.json").read_text())
-    assert len(groups) == 64 == summary["corpus"]  # both ranks' shards encoded and gathered
+    assert len(groups) == 64 == summary["corpus"]  # both ranks' shards encoded and mined
+    assert summary["ranks"] == 2 and summary["checkpoint"]["step"] == 1
+    assert summary["checkpoint"]["path"].endswith("step_00000001")
     caption_of = {g["query_key"]: g["query"] for g in groups}
     for g in groups:
         assert g["query_key"] == g["positive_key"]
@@ -105,6 +126,19 @@ def test_mine_then_rerank_two_ranks(tmp_path):
         assert g["positive_key"] not in g["negative_keys"]
         assert all(caption_of[k] != g["query"] for k in g["negative_keys"])  # duplicates are never negatives
         assert g["negative_scores"] == sorted(g["negative_scores"], reverse=True)
+
+    # The same groups as WebDataset shards, the images byte for byte the corpus's.
+    from mmscale.data.shards import read_shards
+    from mmscale.retrieval.groups import read_group_shards
+
+    corpus = {s["__key__"]: s["jpg"] for s in read_shards(sorted(map(str, (tmp_path / "data/train").glob("*.tar"))), Counter())}
+    shards = {g["query_key"]: g for g in read_group_shards(str(mined / "groups"))}
+    assert len(shards) == 64 == summary["group_shards"]["groups"]
+    for g in groups:
+        written = shards[g["query_key"]]
+        assert written["negative_keys"] == g["negative_keys"] and written["negative_scores"] == g["negative_scores"]
+        assert written["positive"] == ("jpg", corpus[g["positive_key"]])
+        assert [b for _, b in written["negatives"]] == [corpus[k] for k in g["negative_keys"]]
 
     launch("rerank", config)
     run = tmp_path / "run/rerank"
@@ -114,6 +148,7 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the reranker learns
     assert (run / "checkpoints/step_00000016/complete.json").is_file()
     results = json.loads((run / "eval.json").read_text())
+    assert results["checkpoint"]["step"] == 16 and results["bi_encoder_checkpoint"]["step"] == 1
     assert results["queries"] == 24 and set(results["reranked"]) == {
         "recall@1",
         "recall@5",
@@ -128,6 +163,18 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "group" not in r][-2:] == [17, 18]
     assert (run / "checkpoints/step_00000018/complete.json").is_file()
+
+    # `mmscale eval --reranker` on 2 ranks, on a split with pixel-identical images under other captions:
+    # the bi-encoder's Recall@1 is one number in both sections.
+    split = _split_with_twins(tmp_path / "data/val", tmp_path / "val_twins")
+    report_file = tmp_path / "eval.json"
+    launch("eval", str(tmp_path / "bi"), "--data", str(split), "--reranker", str(run), "--top-k", "8",
+           "--batch-size", "16", "--output", str(report_file))  # fmt: skip
+    report = json.loads(report_file.read_text())
+    assert report["metrics"]["samples"] == report["rerank"]["queries"] == 28
+    assert report["metrics"]["t2i_recall@1"] == report["rerank"]["bi_encoder"]["recall@1"]
+    assert report["metrics"]["t2i_ndcg@10"] == report["rerank"]["bi_encoder"]["ndcg@10"]
+    assert report["checkpoint"]["step"] == 1 and report["rerank"]["reranker_checkpoint"]["step"] == 18
 
     # The saved reranker exports and loads like any checkpoint.
     from mmscale.export import load_checkpoint_model

@@ -1,31 +1,46 @@
-"""evaluate_rerank: bi-encoder alone vs its top-k re-ordered by a reranker, on a case with known answers."""
+"""evaluate_rerank: bi-encoder alone vs its top-k re-ordered by a reranker, on cases with known answers."""
 
 import pytest
 import torch
 from torch import nn
 
 from mmscale.distributed import free_port
-from mmscale.retrieval.rerank_eval import evaluate_rerank, format_rerank_table
+from mmscale.evaluate import retrieval_both_ways
+from mmscale.retrieval.corpus import build_corpus
+from mmscale.retrieval.encode import encode_shards
+from mmscale.retrieval.rerank_eval import evaluate_rerank, format_rerank_table, rerank_metrics
 
 N = 6
 
 
 class ShiftedBiEncoder(nn.Module):
-    """Ranks the right image second for every caption: caption i is closest to image i + 1 (of n)."""
+    """Ranks the right image second for every caption: caption i is closest to image i + 1 (of n).
+
+    An image's "pixels" are one number, its index; a caption's token is its index.
+    """
 
     def __init__(self, n: int = N) -> None:
         super().__init__()
         self.n = n
+        self.embed_dim = n
 
-    def encode_image(self, pixels):
-        return nn.functional.one_hot(pixels[:, 0].long(), self.n).float()
-
-    def encode_text(self, input_ids, attention_mask):
+    def forward(self, pixel_values, input_ids, attention_mask, normalize=True):
         i = input_ids[:, 0]
-        return nn.functional.normalize(
-            nn.functional.one_hot((i + 1) % self.n, self.n).float() + 0.5 * nn.functional.one_hot(i, self.n).float(),
-            dim=1,
-        )
+        text = nn.functional.one_hot((i + 1) % self.n, self.n).float() + 0.5 * nn.functional.one_hot(i, self.n).float()
+        return {"image_emb": nn.functional.one_hot(pixel_values[:, 0].long(), self.n).float(), "text_emb": text}
+
+
+class TwinBiEncoder(ShiftedBiEncoder):
+    """Caption i embeds as image `twin(i)`: images 0 and 1 hold the same picture, so captions 0 and 1 tie."""
+
+    @staticmethod
+    def picture(i):
+        return torch.where(i == 1, torch.zeros_like(i), i)
+
+    def forward(self, pixel_values, input_ids, attention_mask, normalize=True):
+        image = nn.functional.one_hot(self.picture(pixel_values[:, 0].long()), self.n).float()
+        text = nn.functional.one_hot(self.picture(input_ids[:, 0]), self.n).float()
+        return {"image_emb": image, "text_emb": text}
 
 
 class OracleReranker(nn.Module):
@@ -45,23 +60,6 @@ def _tokenizer(texts):
     return {"input_ids": [[int(t[1:])] for t in texts]}
 
 
-def _batches():
-    return _rank_batches(0, 1, N, size=4)  # two batches of unequal size (4 and 2)
-
-
-def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
-    results = evaluate_rerank(
-        ShiftedBiEncoder(), OracleReranker(), _batches(), tokenizer=_tokenizer, max_length=1, top_k=3, ks=(1, 2, 5)
-    )
-    assert results["queries"] == N and results["top_k"] == 3
-    assert results["bi_encoder"]["recall@1"] == 0.0 and results["bi_encoder"]["recall@2"] == 1.0
-    assert results["bi_encoder"]["mrr@10"] == pytest.approx(0.5)
-    assert results["reranked"]["recall@1"] == 1.0 and results["reranked"]["mrr@10"] == 1.0
-    assert results["reranked"]["recall@5"] == 1.0  # beyond top_k the bi-encoder's order is kept
-    table = format_rerank_table(results)
-    assert "recall@1" in table and "+ reranker (top 3)" in table
-
-
 def _rank_batches(rank: int, world: int, n: int, size: int = 3):
     """This rank's share of n samples, in batches of `size` (ranks may hold different counts)."""
     idx = list(range(rank, n, world))
@@ -76,6 +74,38 @@ def _rank_batches(rank: int, world: int, n: int, size: int = 3):
         }
 
 
+def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
+    results = evaluate_rerank(
+        ShiftedBiEncoder(), OracleReranker(), _rank_batches(0, 1, N, size=4), tokenizer=_tokenizer, max_length=1,
+        top_k=3, ks=(1, 2, 5),
+    )  # fmt: skip
+    assert results["queries"] == N and results["top_k"] == 3
+    assert results["bi_encoder"]["recall@1"] == 0.0 and results["bi_encoder"]["recall@2"] == 1.0
+    assert results["bi_encoder"]["mrr@10"] == pytest.approx(0.5)
+    assert results["reranked"]["recall@1"] == 1.0 and results["reranked"]["mrr@10"] == 1.0
+    assert results["reranked"]["recall@5"] == 1.0  # beyond top_k the bi-encoder's order is kept
+    table = format_rerank_table(results)
+    assert "recall@1" in table and "+ reranker (top 3)" in table
+
+
+def test_one_recall_for_one_model_across_both_sections_with_exact_ties():
+    # Captions 0 and 1 score images 0 and 1 (the same picture) exactly alike: under the tie rule the
+    # wrong one ranks first, in the retrieval section and in the rerank section's bi-encoder row alike.
+    model = TwinBiEncoder()
+    enc = encode_shards(model, _rank_batches(0, 1, N, size=4), keep_pixels=True, progress=False)
+    corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
+    metrics, (ranking, found) = retrieval_both_ways(enc, corpus, (1, 5), rerank_depth=3)  # as `mmscale eval --reranker`
+    section = rerank_metrics(OracleReranker(), enc, corpus, ranking, found, tokenizer=_tokenizer, max_length=1,
+                             top_k=3, ks=(1, 5))  # fmt: skip
+    standalone = evaluate_rerank(model, OracleReranker(), _rank_batches(0, 1, N, size=4), tokenizer=_tokenizer,
+                                 max_length=1, top_k=3, ks=(1, 5))  # fmt: skip
+    assert metrics["t2i_recall@1"] == section["bi_encoder"]["recall@1"] == standalone["bi_encoder"]["recall@1"] == 4 / 6
+    assert metrics["t2i_mrr@10"] == section["bi_encoder"]["mrr@10"]
+    assert metrics["t2i_ndcg@10"] == section["bi_encoder"]["ndcg@10"]
+    # The oracle tells the twins apart (by caption id vs image index): both come first after re-ranking.
+    assert section["reranked"]["recall@1"] == 1.0
+
+
 def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     import json
 
@@ -83,11 +113,10 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    # batch_size 4 does not divide the rank slices of the 12-image corpus: the blocks must stop at
-    # each rank's boundary or every later image's tokens shift (a bug this test caught).
+    # batch_size 4 does not divide the ranks' query counts: every rank must still join every round.
     results = evaluate_rerank(
-        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(rank, world, 12), tokenizer=_tokenizer, max_length=1,
-        top_k=3, ks=(1, 2, 5), batch_size=4,
+        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(rank, world, 12 - rank), tokenizer=_tokenizer,
+        max_length=1, top_k=3, ks=(1, 2, 5), batch_size=4,
     )  # fmt: skip
     if rank == 0:
         with open(out, "w") as f:
@@ -98,16 +127,30 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _single_with_the_same_samples(n=12):
+    """The samples of the two-rank run (rank 1 drops its last one) in one process."""
+    keep = [i for i in range(n) if not (i % 2 == 1 and i >= n - 2)]
+    for start in range(0, len(keep), 4):
+        part = keep[start : start + 4]
+        yield {
+            "image": torch.tensor(part, dtype=torch.float).view(-1, 1),
+            "input_ids": torch.tensor(part).view(-1, 1),
+            "attention_mask": torch.ones(len(part), 1, dtype=torch.long),
+            "key": [f"k{i}" for i in part],
+            "text": [f"t{i}" for i in part],
+        }
+
+
 def test_two_ranks_give_the_single_process_result(tmp_path):
     import json
 
     import torch.multiprocessing as mp
 
     single = evaluate_rerank(
-        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(0, 1, 12), tokenizer=_tokenizer, max_length=1,
+        ShiftedBiEncoder(12), OracleReranker(), _single_with_the_same_samples(), tokenizer=_tokenizer, max_length=1,
         top_k=3, ks=(1, 2, 5), batch_size=4,
     )  # fmt: skip
-    assert single["reranked"]["recall@1"] == 1.0
+    assert single["reranked"]["recall@1"] == 1.0 and single["queries"] == 11
     out = tmp_path / "two.json"
     mp.spawn(_two_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     assert json.loads(out.read_text()) == json.loads(json.dumps(single))

@@ -1,25 +1,34 @@
 """Bi-encoder retrieval alone vs its top-k re-ranked by the cross-encoder (caption -> image).
 
-Every rank encodes its part of the split with the bi-encoder; embeddings, keys and pixels
-are gathered so each rank can search the whole corpus. The reranker's image tokens are
-computed once per corpus image (each rank a contiguous slice, then gathered) and reused
-for every query that retrieved the image; each rank re-ranks its own share of queries.
-All of it is collective: call it on every rank. Pixels of the whole split are held in
-memory, which suits evaluation splits of thousands of images, not millions.
+Every rank encodes its part of the split with the bi-encoder and keeps its pixels; each rank
+searches its own captions against the whole image corpus (`search.rank_queries`, the tie rule
+of `metrics`), then re-ranks its own queries' top-k: per batch of queries it fetches just those
+candidates' pixels from the ranks that hold them (one all_to_all), computes their token states
+and fuses them with the captions'. No rank holds the split's pixels or token states, and
+relevance (same duplicate group) is one group id per sample. All of it is collective.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from mmscale import distributed
-from mmscale.retrieval.encode import encode_split
-from mmscale.retrieval.metrics import retrieval_metrics
-from mmscale.retrieval.mining import duplicate_groups
-from mmscale.retrieval.search import exact_topk
+from mmscale.retrieval.corpus import Corpus, build_corpus
+from mmscale.retrieval.encode import EncodedShards, encode_shards
+from mmscale.retrieval.metrics import Ranking, against_ties, retrieval_metrics
+from mmscale.retrieval.search import SearchResult, rank_queries
+
+MRR_K = NDCG_K = 10
+
+
+def text_to_image(enc: EncodedShards, corpus: Corpus, k: int, block_size: int = 1024) -> tuple[Ranking, SearchResult]:
+    """This rank's captions ranked against every image (collective): the ranking and its top k."""
+    query_groups = corpus.groups[corpus.local_indices]
+    return rank_queries(enc.text_emb, corpus.images, query_groups, corpus.groups, k, block_size=block_size)
 
 
 @torch.no_grad()
@@ -36,61 +45,82 @@ def evaluate_rerank(
     device: str | torch.device = "cpu",
 ) -> dict:
     """{"bi_encoder": metrics, "reranked": metrics, "top_k", "queries"}; metrics as recall@k, mrr@10, ndcg@10."""
+    enc = encode_shards(bi_encoder, batches, device=device, keep_pixels=True, progress=False)
+    corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
+    ranking, found = text_to_image(enc, corpus, candidates_needed(top_k, ks, len(corpus)))
+    return rerank_metrics(reranker, enc, corpus, ranking, found, tokenizer=tokenizer, max_length=max_length,
+                          top_k=top_k, ks=ks, batch_size=batch_size, device=device)  # fmt: skip
+
+
+def candidates_needed(top_k: int, ks: Sequence[int], n: int) -> int:
+    """How deep the bi-encoder search goes: the re-ranked top_k and every metric's cut-off."""
+    return min(max(top_k, MRR_K, NDCG_K, *ks), n)
+
+
+@torch.no_grad()
+def rerank_metrics(
+    reranker: nn.Module,
+    enc: EncodedShards,
+    corpus: Corpus,
+    ranking: Ranking,
+    found: SearchResult,
+    *,
+    tokenizer,
+    max_length: int,
+    top_k: int = 20,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The bi-encoder's text -> image `ranking` and its top `top_k` re-ranked by `reranker` (collective)."""
     from mmscale.data.tokenize import tokenize
 
-    rank, world = distributed.world()
-    split = encode_split(bi_encoder, batches, keep_images=True, device=device)
-    n = len(split)
-    group = duplicate_groups(split.keys, split.texts)
-    relevant = [set((group == group[i]).nonzero().flatten().tolist()) for i in range(n)]
-    k = min(max(top_k, *ks), n)
-    _, candidates = exact_topk(split.text_emb, split.image_emb, k)
-
+    n = len(corpus)
+    if n == 0:
+        raise ValueError("reranker evaluation: no samples on any rank")
+    rk = min(top_k, n)
+    query_groups = corpus.groups[corpus.local_indices]
     was_training = reranker.training
     reranker.eval()
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    local_tokens = [
-        # Stop at `hi`: a block running into the next rank's slice would shift every later row.
-        reranker.encode_image_tokens(split.images[i : min(i + batch_size, hi)].to(device))
-        for i in range(lo, hi, batch_size)
-    ]
-    local = torch.cat(local_tokens) if local_tokens else _empty_tokens(reranker, split, device)
-    image_tokens = distributed.all_gather_padded(local).cpu()
-
-    mine = list(range(rank, n, world))
-    reranked_local = []
-    rk = min(top_k, n)
-    for b0 in range(0, len(mine), batch_size):
-        queries = mine[b0 : b0 + batch_size]
-        ids, mask = tokenize(tokenizer, [split.texts[q] for q in queries], max_length)
-        text = reranker.encode_text_tokens(ids.to(device), mask.to(device))
-        cand = candidates[queries, :rk]  # [b, rk]
-        scores = reranker.fuse(
-            text.repeat_interleave(rk, 0),
-            mask.to(device).repeat_interleave(rk, 0),
-            image_tokens[cand.flatten()].to(device),
-        ).view(len(queries), rk)
-        order = scores.float().cpu().argsort(dim=1, descending=True)
-        # Below the re-ranked top_k the bi-encoder's order stands, so @k beyond top_k stays comparable.
-        tail = candidates[queries, rk:].tolist()
-        reranked_local.extend((q, head + rest) for q, head, rest in zip(queries, cand.gather(1, order).tolist(), tail))
+    head_hits, head_first = [], []
+    rounds = int(distributed.all_reduce_max(math.ceil(len(enc) / batch_size)))
+    for r in range(rounds):  # every rank joins every round's exchange, with or without queries left
+        queries = torch.arange(r * batch_size, min((r + 1) * batch_size, len(enc)), device=found.indices.device)
+        cand = found.indices[queries, :rk]  # [b, rk] global indices
+        needed, where = torch.unique(cand.flatten(), return_inverse=True)
+        pixels = corpus.fetch_rows(enc.pixels if enc.pixels is not None else torch.empty(0), needed)
+        if not queries.numel():
+            continue
+        tokens = torch.cat([reranker.encode_image_tokens(pixels[i : i + batch_size].to(device))
+                            for i in range(0, len(needed), batch_size)])  # fmt: skip
+        ids, mask = tokenize(tokenizer, [enc.texts[q] for q in queries.tolist()], max_length)
+        ids, mask = ids.to(device), mask.to(device)
+        text = reranker.encode_text_tokens(ids, mask)
+        scores = reranker.fuse(text.repeat_interleave(rk, 0), mask.repeat_interleave(rk, 0),
+                               tokens[where.to(tokens.device)]).view(len(queries), rk)  # fmt: skip
+        relevant = corpus.groups[cand] == query_groups[queries, None]
+        order = against_ties(scores.float(), relevant.to(scores.device)).argsort(dim=1, descending=True, stable=True)
+        hits = relevant.gather(1, order.to(relevant.device))
+        head_hits.append(hits)
+        head_first.append(torch.where(hits.any(1), hits.float().argmax(1) + 1, ranking.first_rank[queries]))
     reranker.train(was_training)
-
-    reranked = dict(distributed.gather_list(reranked_local))
-    reranked_lists = [reranked[q] for q in range(n)]
+    device_of = ranking.hits.device
+    width = ranking.hits.shape[1]
+    head = torch.cat(head_hits).to(device_of) if head_hits else torch.zeros(0, rk, dtype=torch.bool, device=device_of)
+    # Below the re-ranked top_k the bi-encoder's order stands, so @k beyond top_k stays comparable.
+    reranked = Ranking(
+        torch.cat([head, ranking.hits[:, rk:width]], dim=1),
+        torch.cat(head_first).to(device_of) if head_first else ranking.first_rank,
+        ranking.n_relevant,
+    )
+    before, after = ranking.gathered(), reranked.gathered()
     return {
         "queries": n,
         "top_k": rk,
-        "bi_encoder": retrieval_metrics(candidates.tolist(), relevant, ks),
-        "reranked": retrieval_metrics(reranked_lists, relevant, ks),
-        "bi_encoder_recall@top_k": retrieval_metrics(candidates[:, :rk].tolist(), relevant, (rk,))[f"recall@{rk}"],
+        "bi_encoder": retrieval_metrics(before, ks, MRR_K, NDCG_K, ranks=False),
+        "reranked": retrieval_metrics(after, ks, MRR_K, NDCG_K, ranks=False),
+        "bi_encoder_recall@top_k": before.recall(rk),
     }
-
-
-def _empty_tokens(reranker: nn.Module, split, device) -> torch.Tensor:
-    # A rank with no slice still joins the gather: it needs the token shape, so run one image.
-    probe = reranker.encode_image_tokens(split.images[:1].to(device))
-    return probe[:0]
 
 
 def format_rerank_table(results: dict) -> str:

@@ -105,10 +105,10 @@ def load_images(
 
 def train_reranker(cfg: Config) -> int:
     """Train the reranker from `mine.checkpoint`'s towers on `rerank.mined`; evaluate on `data.val` at the end."""
+    from mmscale.evaluate import load_bi_encoder
     from mmscale.models import load_tokenizer
     from mmscale.models.reranker import build_reranker
     from mmscale.monitor import Monitor
-    from mmscale.retrieval.encode import load_bi_encoder
     from mmscale.retrieval.mining import mined_dir, read_mined
     from mmscale.train.checkpoint import Checkpointer, resolve_resume
     from mmscale.train.engine import build_engine
@@ -181,8 +181,13 @@ def train_reranker(cfg: Config) -> int:
         if rank == 0:
             import json
 
+            from mmscale.evaluate import resolve_trained
             from mmscale.retrieval.rerank_eval import format_rerank_table
+            from mmscale.train.checkpoint import checkpoint_root, tag_for
 
+            # Name what was evaluated: this run's last step, and the bi-encoder it re-ranks.
+            results["checkpoint"] = {"path": str(checkpoint_root(run.output_dir) / tag_for(t.steps)), "step": t.steps}
+            results["bi_encoder_checkpoint"] = resolve_trained(cfg.mine.checkpoint)
             (Path(run.output_dir) / "eval.json").write_text(json.dumps(results, indent=2))
             monitor.message(format_rerank_table(results))
     monitor.close()
