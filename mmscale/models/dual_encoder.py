@@ -115,8 +115,12 @@ class DualEncoder(nn.Module):
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
-        # clamp passes no gradient once the cap is hit, which is what stops the temperature there.
-        scale = self.logit_scale.clamp(max=self.max_logit_scale).exp().reshape(())
+        # Above the cap the scale is the constant cap: no gradient, which is what stops the temperature
+        # there. At the cap itself the gradient passes (clamp's would not), so that a pretrained model
+        # loaded with its scale exactly at the cap (OpenAI CLIP's ln 100, or a raised cap) still trains it.
+        over = self.logit_scale > self.max_logit_scale
+        capped = torch.where(over, torch.full_like(self.logit_scale, self.max_logit_scale), self.logit_scale)
+        scale = capped.exp().reshape(())
         return scale, (self.logit_bias.reshape(()) if self.logit_bias is not None else None)
 
     def forward(
