@@ -141,7 +141,7 @@ class TextConfig:
 class ModelConfig:
     """The dual encoder: two towers projected into one space."""
 
-    init_from: str = ""  # start from a pretrained model: a hub name or local folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG), a sentence-transformers folder, or timm:NAME (vision tower only)
+    init_from: str = ""  # start from a pretrained model: a hub name or folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG_OR_FILE), a sentence-transformers folder, or timm:NAME[:FILE] (the vision tower)
     init_format: str = ""  # the source's format where a folder holds several: transformers | open_clip | timm | sentence_transformers; empty: recognised from what is there
     embed_dim: int = 256  # shared embedding size both towers project to
     vision: VisionConfig = field(default_factory=VisionConfig)

@@ -110,7 +110,7 @@ def test_the_starting_model_is_the_source_before_any_step(tmp_path):
     """What weight-space interpolation (--interpolate) mixes with the trained model: rebuilt from the run's config."""
     from mmscale.models.load import ModelLoadError, ModelSpec, build_starting_model, self_contained
     from mmscale.models.pretrained import resolve_model_config
-    from tests import pretrained_sources as src
+    from tools import tiny_pretrained as src
 
     cfg = load_config(None, [f"model.init_from={src.make_hf_clip(tmp_path)}", "model.text.lora.rank=2"])
     cfg.model = resolve_model_config(cfg.model)
@@ -128,3 +128,19 @@ def test_the_starting_model_is_the_source_before_any_step(tmp_path):
         torch.testing.assert_close(value, plain[name], rtol=0, atol=0, msg=name)
     with pytest.raises(ModelLoadError, match="did not start from pretrained weights"):
         build_starting_model(ModelSpec("dual_encoder", load_config(TINY).model))
+
+
+@pytest.mark.parametrize("name", ["finetune-clip", "finetune-siglip"])
+def test_shipped_finetune_configs_validate_and_resolve(name, tmp_path):
+    """launch/configs/finetune-*.yaml: valid for 8 ranks, and resolvable against a (tiny, local) source of their kind."""
+    from mmscale.config import validate_world
+    from mmscale.models.pretrained import resolve_model_config
+    from tools import tiny_pretrained as src
+
+    cfg = load_config(f"launch/configs/{name}.yaml")
+    assert "/" in cfg.model.init_from  # a hub name of a real model
+    validate_world(cfg, 8)
+    stand_in = src.make_hf_clip(tmp_path) if name == "finetune-clip" else src.make_hf_siglip(tmp_path)
+    cfg.model.init_from = str(stand_in)
+    resolved = resolve_model_config(cfg.model)
+    assert resolved.vision.layer_decay == 0.85 and resolved.text.pooling == ("eos" if name == "finetune-clip" else "last")

@@ -1,6 +1,6 @@
 """`model.init_from`: a pretrained model from each source library equals that library's own outputs.
 
-Tiny random models in each library's own format (tests/pretrained_sources.py) are loaded with
+Tiny random models in each library's own format (tools/tiny_pretrained.py) are loaded with
 `model.init_from`; right after loading, mmscale's image embeddings, text embeddings and logits
 must equal what the source library computes for the same images and texts through its own
 preprocessing (its processor's pixels, its tokenizer's ids): max abs diff <= 1e-5 in fp32 for the
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmscale.config import ConfigError, load_config
 from mmscale.data.tokenize import tokenize
 from mmscale.inference import image_batch
 from mmscale.models import build_dual_encoder, load_tokenizer
 from mmscale.models.pretrained import check_init_from, locate_source, resolve_model_config
-from tests import pretrained_sources as src
+from tools import tiny_pretrained as src
 
 EMB_TOL = 1e-5
 
@@ -65,33 +64,19 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 
     assert diff <= tol, f"{name}: max abs diff {diff:.3g} (tolerance {tol:g})"
 
 
-def pooled(output) -> torch.Tensor:
-    """get_*_features returns a tensor in transformers 4 and a model output in 5."""
-    return getattr(output, "pooler_output", output)
-
-
 # --------------------------------------------------------------------------- transformers
 
 
 @pytest.mark.parametrize("eos_token_id", [49407, 2], ids=["eos_token_id", "legacy_argmax"])
 def test_transformers_clip_equals_transformers(root, eos_token_id):
-    from transformers import AutoProcessor, CLIPModel
-
     folder = src.make_hf_clip(root, eos_token_id)
-    hf = CLIPModel.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
     ims = src.images()
-    inputs = processor(text=src.TEXTS, images=ims, return_tensors="pt", padding="max_length", truncation=True)
-    with torch.no_grad():
-        out = hf(**inputs)
-        want_img = F.normalize(pooled(hf.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
-        want_txt = F.normalize(pooled(hf.get_text_features(input_ids=inputs["input_ids"],
-                                                           attention_mask=inputs["attention_mask"])), dim=-1)
-    model, cfg, img, txt, logits, ids = mmscale_side(str(folder), inputs["pixel_values"], src.TEXTS)
-    assert torch.equal(ids, inputs["input_ids"])  # the source's tokenizer, padded to its 77
-    assert_close("image embeddings", img, want_img)
-    assert_close("text embeddings", txt, want_txt)
-    assert_logits(logits, out.logits_per_text, model)
+    want = src.library_outputs("transformers_clip", folder, ims, src.TEXTS)
+    model, cfg, img, txt, logits, ids = mmscale_side(str(folder), want["pixels"], src.TEXTS)
+    assert torch.equal(ids, want["ids"])  # the source's tokenizer, padded to its 77
+    assert_close("image embeddings", img, want["image"])
+    assert_close("text embeddings", txt, want["text"])
+    assert_logits(logits, want["logits"], model)
     # The loaded temperature is not clipped: ln(118) > ln(100), and the cap rose with it.
     assert model.scale_and_bias()[0].item() == pytest.approx(math.exp(src.CLIP_LOGIT_SCALE), rel=1e-6)
     assert cfg.max_logit_scale >= model.logit_scale.item()  # the cap rose to the loaded (fp32) value
@@ -99,29 +84,19 @@ def test_transformers_clip_equals_transformers(root, eos_token_id):
     assert cfg.vision.timm_kwargs["act_layer"] == "quick_gelu" and cfg.vision.timm_kwargs["global_pool"] == "token"
     # mmscale's own preprocessing (the data pipeline's eval transform) gives the processor's pixels.
     pixels = model.pixels(image_batch(ims, model.preprocess), torch.float32)
-    assert_close("pixels", pixels, inputs["pixel_values"], tol=1e-5)
+    assert_close("pixels", pixels, want["pixels"], tol=1e-5)
 
 
 def test_transformers_siglip_equals_transformers(root):
-    from transformers import AutoTokenizer, SiglipImageProcessor, SiglipModel
-
     folder = src.make_hf_siglip(root)
-    hf = SiglipModel.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     ims = src.images()
-    pixels = SiglipImageProcessor.from_pretrained(folder)(images=ims, return_tensors="pt")["pixel_values"]
-    ids = tokenizer(src.TEXTS, padding="max_length", max_length=64, truncation=True, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        # SigLIP is trained on the padded sequence without a mask (as big_vision and open_clip run it).
-        out = hf(input_ids=ids, pixel_values=pixels)
-        want_img = F.normalize(pooled(hf.get_image_features(pixel_values=pixels)), dim=-1)
-        want_txt = F.normalize(pooled(hf.get_text_features(input_ids=ids)), dim=-1)
-    model, cfg, img, txt, logits, mine = mmscale_side(str(folder), pixels, src.TEXTS, "loss.kind=siglip",
-                                                      with_bias=True)
-    assert torch.equal(mine, ids)
-    assert_close("image embeddings", img, want_img)
-    assert_close("text embeddings", txt, want_txt)
-    assert_logits(logits, out.logits_per_text, model)
+    want = src.library_outputs("transformers_siglip", folder, ims, src.TEXTS)
+    model, cfg, img, txt, logits, ids = mmscale_side(str(folder), want["pixels"], src.TEXTS, "loss.kind=siglip",
+                                                     with_bias=True)
+    assert torch.equal(ids, want["ids"])
+    assert_close("image embeddings", img, want["image"])
+    assert_close("text embeddings", txt, want["text"])
+    assert_logits(logits, want["logits"], model)
     scale, bias = model.scale_and_bias()
     assert scale.item() == pytest.approx(math.exp(src.SIGLIP_LOGIT_SCALE), rel=1e-6)
     assert bias.item() == pytest.approx(src.SIGLIP_LOGIT_BIAS)
@@ -129,7 +104,7 @@ def test_transformers_siglip_equals_transformers(root):
     assert (cfg.vision.proj, cfg.vision.resize, cfg.vision.interpolation) == ("none", "squash", "bicubic")
     assert cfg.vision.timm_kwargs["global_pool"] == "map" and cfg.vision.timm_kwargs["act_layer"] == "gelu_tanh"
     assert not any(name.startswith("text.head") for name, _ in model.named_parameters())  # SigLIP's head is text_proj
-    assert_close("pixels", model.pixels(image_batch(ims, model.preprocess), torch.float32), pixels)
+    assert_close("pixels", model.pixels(image_batch(ims, model.preprocess), torch.float32), want["pixels"])
 
 
 def test_siglip2_naflex_is_refused_with_the_fixed_resolution_alternative(tmp_path):
@@ -148,32 +123,23 @@ def test_siglip2_naflex_is_refused_with_the_fixed_resolution_alternative(tmp_pat
 @pytest.mark.parametrize("name", ["tiny-oc-clip", "tiny-oc-timm-hf", "tiny-oc-siglip"])
 def test_open_clip_equals_open_clip(root, name):
     """open_clip's own towers, a timm trunk + transformers text tower, and SigLIP as open_clip builds it."""
-    import open_clip
-
     folder = src.make_open_clip(root, name)
-    oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    oc.eval()
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    size = oc.visual.image_size[0] if isinstance(oc.visual.image_size, tuple) else oc.visual.image_size
-    pixels = torch.stack([preprocess(im) for im in src.images(size=size)])
-    ids = tokenizer(src.TEXTS)
-    siglip = getattr(oc, "logit_bias", None) is not None
-    with torch.no_grad():
-        want_img, want_txt = oc.encode_image(pixels, normalize=True), oc.encode_text(ids, normalize=True)
-        want_logits = oc.logit_scale.exp() * want_txt @ want_img.T + (oc.logit_bias if siglip else 0.0)
+    size = src.open_clip_configs()[name]["vision_cfg"]["image_size"]
+    want = src.library_outputs("open_clip", folder, src.images(size=size), src.TEXTS)
+    siglip = "siglip" in name
     sources = [f"local-dir:{folder}"]
     if name == "tiny-oc-clip":  # a built-in model name with a weights file (open_clip's `pretrained=FILE`)
         sources.append(f"open_clip:{name}:{folder / 'open_clip_model.safetensors'}")
     for init_from in sources:
         overrides = ["loss.kind=siglip"] if siglip else []
-        model, cfg, img, txt, logits, mine = mmscale_side(init_from, pixels, src.TEXTS, *overrides, with_bias=siglip)
+        model, cfg, img, txt, logits, mine = mmscale_side(init_from, want["pixels"], src.TEXTS, *overrides,
+                                                          with_bias=siglip)
         pad = 49407 if cfg.text.tokenizer == "open-clip-bpe" else 0
-        real = ids != 0  # open_clip pads with 0; the CLIP BPE tokenizer here pads with its end of text
-        assert torch.equal(mine[real], ids[real]) and bool((mine[~real] == pad).all()), init_from
-        assert_close("image embeddings", img, want_img)
-        assert_close("text embeddings", txt, want_txt)
-        assert_logits(logits, want_logits, model)
-        assert model.scale_and_bias()[0].item() == pytest.approx(oc.logit_scale.exp().item(), rel=1e-6)
+        real = want["ids"] != 0  # open_clip pads with 0; the CLIP BPE tokenizer here pads with its end of text
+        assert torch.equal(mine[real], want["ids"][real]) and bool((mine[~real] == pad).all()), init_from
+        assert_close("image embeddings", img, want["image"])
+        assert_close("text embeddings", txt, want["text"])
+        assert_logits(logits, want["logits"], model)
     if name == "tiny-oc-clip":
         assert cfg.text.tokenizer == "open-clip-bpe" and cfg.text.config["hidden_act"] == "quick_gelu"
     if name == "tiny-oc-siglip":
@@ -250,18 +216,14 @@ def test_timm_weights_in_a_foreign_layout_are_refused(root, tmp_path):
 
 @pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_sentence_transformers_folder_equals_sentence_transformers(root, layout):
-    from sentence_transformers import SentenceTransformer
-
-    folder = src.make_sentence_transformers(root) if layout == "current" else src.make_legacy_sentence_transformers(root)
-    st = SentenceTransformer(str(folder), device="cpu")
-    ims = src.images()
-    want_txt = F.normalize(st.encode(src.TEXTS, convert_to_tensor=True), dim=-1)
-    want_img = F.normalize(st.encode(ims, convert_to_tensor=True), dim=-1)
     import mmscale
 
+    folder = src.make_sentence_transformers(root) if layout == "current" else src.make_legacy_sentence_transformers(root)
+    ims = src.images()
+    want = src.library_outputs("sentence_transformers", folder, ims, src.TEXTS)
     model = mmscale.load(folder)  # a source loads like an export: preprocessing and tokenizer travel with it
-    assert_close("text embeddings", model.encode_text(src.TEXTS), want_txt)
-    assert_close("image embeddings", model.encode_image(ims), want_img)
+    assert_close("text embeddings", model.encode_text(src.TEXTS), want["text"])
+    assert_close("image embeddings", model.encode_image(ims), want["image"])
     assert locate_source(str(folder)).format == "sentence_transformers"
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests import pretrained_sources as src
+from tools import tiny_pretrained as src
 
 REPO = Path(__file__).resolve().parents[1]
 

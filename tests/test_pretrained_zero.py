@@ -20,7 +20,6 @@ import torch
 
 from mmscale.config import load_config
 from mmscale.distributed import free_port
-from tests import pretrained_sources as src
 from tests.test_gradcache import (
     CHUNK,
     LR,
@@ -32,6 +31,7 @@ from tests.test_gradcache import (
     global_batch,
     reference_step,
 )
+from tools import tiny_pretrained as src
 
 BASE = [f"train.global_batch_size={WORLD * PER_RANK}", f"train.chunk_size={CHUNK}", f"train.lr={LR}",
         "train.grad_clip=0", "train.weight_decay=0", "train.warmup_steps=0"]

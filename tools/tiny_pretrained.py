@@ -1,16 +1,22 @@
-"""Tiny random pretrained models in each source library's own format, saved locally (no hub).
+"""Tiny random pretrained models in each source library's own format, saved locally (no hub needed).
 
 Each builder writes a folder the way its library does (`save_pretrained`, open_clip's hub layout,
-sentence-transformers' `save`) and returns its path; the tests load them with `model.init_from`
-and compare against the library's own outputs. Sizes: 32-pixel images, 2 layers, widths 32-48.
-Logit scales above ln(100) on purpose: a loaded temperature must not be clipped.
+sentence-transformers' `save`) and returns its path; tests and tools/bench_pretrained.py load them
+with `model.init_from` and compare against the library's own outputs. Sizes: 32-pixel images,
+2 layers, widths 32-48. Logit scales above ln(100) on purpose: a loaded temperature must not be
+clipped. To try `model.init_from` offline:
+
+    python tools/tiny_pretrained.py --output runs/tiny-pretrained
+    mmscale train launch/configs/tiny.yaml model.init_from=runs/tiny-pretrained/hf-clip-eos49407 ...
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +63,18 @@ def open_clip_configs() -> dict[str, dict]:
     }
 
 
-def images(n: int = 4, size: int = 32, seed: int = 0) -> list[Image.Image]:
-    """RGB PIL images of assorted non-square sizes around `size` (the processors must resize and crop)."""
+def images(n: int = 4, size: int = 32, seed: int = 0, smooth: bool = False) -> list[Image.Image]:
+    """RGB PIL images of assorted non-square sizes around `size` (the processors must resize and crop).
+
+    Pixel noise by default (the hardest case for a resize); `smooth` gives photo-like images
+    (coarse noise enlarged), where resampling kernels differ far less.
+    """
     g = np.random.default_rng(seed)
-    return [Image.fromarray(g.integers(0, 256, (size + 5 * i, size + 9 - 3 * i, 3), dtype=np.uint8)) for i in range(n)]
+    shapes = [(size + 5 * i, size + 9 - 3 * i) for i in range(n)]
+    if not smooth:
+        return [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    coarse = [Image.fromarray(g.integers(0, 256, (6, 6, 3), dtype=np.uint8)) for _ in shapes]
+    return [im.resize((w, h), Image.BICUBIC) for im, (h, w) in zip(coarse, shapes)]
 
 
 def _bpe_tokenizer():
@@ -204,3 +218,91 @@ def make_legacy_sentence_transformers(root: Path) -> Path:
         modules = [{"idx": 0, "name": "0", "path": "0_CLIPModel", "type": "sentence_transformers.models.CLIPModel"}]
         (out / "modules.json").write_text(json.dumps(modules))
     return out
+
+
+# --------------------------------------------------------------------------- the libraries' own outputs
+
+
+def _pooled(output) -> torch.Tensor:
+    """get_*_features returns a tensor in transformers 4 and a model output in 5."""
+    return getattr(output, "pooler_output", output)
+
+
+def library_outputs(kind: str, path: Path, ims: list[Image.Image], texts: list[str]) -> dict[str, torch.Tensor]:
+    """What the source library itself computes, through its own preprocessing and tokenizer.
+
+    kind: transformers_clip | transformers_siglip | open_clip | sentence_transformers. Returns the
+    pixels and token ids it fed its model, L2-normalised image/text embeddings, logits [texts x images].
+    """
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        if kind == "transformers_clip":
+            from transformers import AutoProcessor, CLIPModel
+
+            hf, processor = CLIPModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+            inputs = processor(text=texts, images=ims, return_tensors="pt", padding="max_length", truncation=True)
+            img = _pooled(hf.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = _pooled(hf.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+            return {"pixels": inputs["pixel_values"], "ids": inputs["input_ids"], "image": F.normalize(img, dim=-1),
+                    "text": F.normalize(txt, dim=-1), "logits": hf(**inputs).logits_per_text}
+        if kind == "transformers_siglip":
+            from transformers import AutoTokenizer, SiglipImageProcessor, SiglipModel
+
+            hf = SiglipModel.from_pretrained(path).eval()
+            pixels = SiglipImageProcessor.from_pretrained(path)(images=ims, return_tensors="pt")["pixel_values"]
+            ids = AutoTokenizer.from_pretrained(path)(texts, padding="max_length", max_length=64, truncation=True,
+                                                      return_tensors="pt")["input_ids"]
+            # SigLIP runs on the padded sequence without a mask (as big_vision and open_clip run it).
+            return {"pixels": pixels, "ids": ids,
+                    "image": F.normalize(_pooled(hf.get_image_features(pixel_values=pixels)), dim=-1),
+                    "text": F.normalize(_pooled(hf.get_text_features(input_ids=ids)), dim=-1),
+                    "logits": hf(input_ids=ids, pixel_values=pixels).logits_per_text}
+        if kind == "open_clip":
+            import open_clip
+
+            oc, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")
+            oc.eval()
+            pixels = torch.stack([preprocess(im) for im in ims])
+            ids = open_clip.get_tokenizer(f"local-dir:{path}")(texts)
+            img, txt = oc.encode_image(pixels, normalize=True), oc.encode_text(ids, normalize=True)
+            bias = oc.logit_bias if getattr(oc, "logit_bias", None) is not None else 0.0
+            return {"pixels": pixels, "ids": ids, "image": img, "text": txt,
+                    "logits": oc.logit_scale.exp() * txt @ img.T + bias}
+        if kind == "sentence_transformers":
+            from sentence_transformers import SentenceTransformer
+
+            st = SentenceTransformer(str(path), device="cpu")
+            img = F.normalize(st.encode(ims, convert_to_tensor=True), dim=-1)
+            txt = F.normalize(st.encode(texts, convert_to_tensor=True), dim=-1)
+            return {"image": img, "text": txt}
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def make_all(root: Path) -> dict[str, Path]:
+    """Every tiny source under `root`: {name: folder (or file)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    return {
+        "transformers CLIP": make_hf_clip(root), "transformers CLIP (legacy argmax)": make_hf_clip(root, 2),
+        "transformers SigLIP": make_hf_siglip(root), "open_clip": make_open_clip(root),
+        "open_clip timm + HF text": make_open_clip(root, "tiny-oc-timm-hf"),
+        "open_clip SigLIP": make_open_clip(root, "tiny-oc-siglip"),
+        "timm CLIP ViT (OpenAI layout)": make_timm_clip_weights(root)[0],
+        "sentence-transformers": make_sentence_transformers(root),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write every tiny source to --output and list them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="folder to write the models into")
+    args = parser.parse_args(argv)
+    for name, path in make_all(Path(args.output)).items():
+        print(f"{name:34s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a script: make `mmscale` and `tools` importable
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
