@@ -295,3 +295,45 @@ def test_sources_are_recognised_and_bad_ones_refused_clearly(root, tmp_path):
         locate_source("no-such-org/no-such-model", download=False)
     summary = check_init_from(init_cfg(str(src.make_hf_siglip(root))).model)
     assert "transformers model" in summary and "last pooling" in summary and "64 tokens" in summary
+
+
+def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the hub cache holds a downloaded repository (refs/main -> snapshots/<commit>/files)."""
+    commit = "0" * 40
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+def test_hub_names_load_from_the_hub_cache_offline(root, tmp_path):
+    """A hub name (transformers, open_clip's hf-hub:) resolves from the cache with the hub offline."""
+    import os
+    import subprocess
+    import sys
+
+    import mmscale
+
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "tiny-org/tiny-clip", src.make_hf_clip(root))
+    fake_hub_cache(cache, "tiny-org/tiny-oc-clip", src.make_open_clip(root))
+    script = (
+        "import json, mmscale\n"
+        "from mmscale.config import ModelConfig\n"
+        "from mmscale.models.pretrained import check_init_from\n"
+        "out = {}\n"
+        "for name in ('tiny-org/tiny-clip', 'hf-hub:tiny-org/tiny-oc-clip'):\n"
+        "    out[name] = mmscale.load(name).encode_text(['a photo of a cat', 'two dogs']).tolist()\n"
+        "out['check'] = check_init_from(ModelConfig(init_from='tiny-org/tiny-clip'))\n"
+        "print('RESULT' + json.dumps(out))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+    for name, local in (("tiny-org/tiny-clip", str(src.make_hf_clip(root))),
+                        ("hf-hub:tiny-org/tiny-oc-clip", f"local-dir:{src.make_open_clip(root)}")):
+        want = mmscale.load(local).encode_text(["a photo of a cat", "two dogs"])
+        assert_close(name, torch.tensor(out[name]), want, tol=1e-6)
+    assert "hub tiny-org/tiny-clip" in out["check"]

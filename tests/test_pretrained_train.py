@@ -1,7 +1,7 @@
 """A run started from a pretrained model (`model.init_from`) trains, resumes, loads, exports and evaluates
 like any other, and its config rebuilds the model with the source gone.
 
-`mmscale train` (one process, ZeRO-2; the multi-rank steps from pretrained starts are in
+`mmscale train` (one process, ZeRO-3: LoRA's frozen base weights must survive consolidation; the multi-rank steps from pretrained starts are in
 test_pretrained_zero.py) from the tiny transformers SigLIP, with LoRA on the text tower and an lr
 multiplier on the image tower; a second run resumes it; then, with the source folder moved away,
 the checkpoint loads, exports (adapters merged) and `mmscale eval` runs on it.
@@ -52,7 +52,7 @@ def test_a_run_from_a_pretrained_siglip_resumes_exports_and_evaluates(tmp_path):
         "model": {"init_from": str(source), "vision": {"lr_mult": 0.5}, "text": {"lora": {"rank": 4}}},
         "loss": {"kind": "siglip"},
         "train": {"global_batch_size": 4, "chunk_size": 2, "steps": 2, "lr": 1e-3, "warmup_steps": 0,
-                  "zero_stage": 2, "save_every": 2, "log_every": 1},
+                  "zero_stage": 3, "save_every": 2, "log_every": 1},
     }))
     launch(config)
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]

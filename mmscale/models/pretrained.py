@@ -81,6 +81,13 @@ def locate_source(init_from: str, init_format: str = "", download: bool = True) 
         raise ConfigError("model.init_from: empty")
     if init_format and init_format not in FORMATS:
         raise ConfigError(f"model.init_format: must be one of {', '.join(FORMATS)}, got {init_format!r}")
+    source = _locate(spec, init_format, download)
+    if init_format and source.format != init_format:
+        raise ConfigError(f"model.init_format: {init_format} does not fit {spec} (a {source.format} source)")
+    return source
+
+
+def _locate(spec: str, init_format: str, download: bool) -> Source:
     if spec.startswith("open_clip:"):
         name, _, tag = spec[len("open_clip:"):].partition(":")
         _require("open_clip", "open-clip-torch", spec)
@@ -196,11 +203,12 @@ class Architecture:
     source: Source
 
 
-def describe(source: Source, weights: bool = True) -> Architecture:
+def describe(source: Source, weights: bool = True, download: bool = True) -> Architecture:
     """The model config values a source determines: from its configs, and (with `weights`) its logit scale/bias.
 
     The two scalars are read from the weight files without the rest (a hub source's weights are
-    fetched for it); `weights=False` reads configs only and leaves them out.
+    fetched for it); `weights=False` reads configs only and leaves them out. `download=False`
+    reads what a tower config names (an open_clip HF text tower) from the hub cache only.
     """
     if source.format == "transformers":
         return Architecture(_transformers_values(source.folder, source, weights), source)
@@ -208,7 +216,7 @@ def describe(source: Source, weights: bool = True) -> Architecture:
         inner = _module_source(source)
         return Architecture(_transformers_values(inner.folder, inner, weights), inner)
     if source.format == "open_clip":
-        return Architecture(_open_clip_values(source, weights), source)
+        return Architecture(_open_clip_values(source, weights, download), source)
     return Architecture({"vision": _timm_vision_values(source)}, source)
 
 
@@ -459,7 +467,7 @@ def _unsupported(source: Source, what: str) -> ConfigError:
     return ConfigError(f"model.init_from: {source.init_from}: open_clip {what}; mmscale's towers do not express it exactly")
 
 
-def _open_clip_values(source: Source, weights: bool = True) -> dict[str, Any]:
+def _open_clip_values(source: Source, weights: bool = True, download: bool = True) -> dict[str, Any]:
     _require("open_clip", "open-clip-torch", source.init_from)
     model_cfg, pre = _open_clip_config(source)
     vcfg, tcfg = dict(model_cfg.get("vision_cfg", {})), dict(model_cfg.get("text_cfg", {}))
@@ -512,7 +520,7 @@ def _open_clip_values(source: Source, weights: bool = True) -> dict[str, Any]:
         raise _unsupported(source, f"preprocess resize_mode {resize!r}")
     vision.update(mean=[float(x) for x in mean], std=[float(x) for x in std], resize=resize, crop_pct=1.0,
                   interpolation=pre.get("interpolation", "bicubic"))
-    text = _open_clip_text_values(source, tcfg, embed_dim, quick)
+    text = _open_clip_text_values(source, tcfg, embed_dim, quick, download)
     values: dict[str, Any] = {"embed_dim": embed_dim, "vision": vision, "text": text}
     if weights:
         values.update(_scalar_values([open_clip_checkpoint(source)]))
@@ -531,7 +539,8 @@ def _timm_reset_pool_kwargs(name: str, pool: str) -> dict[str, Any]:
     return kwargs
 
 
-def _open_clip_text_values(source: Source, tcfg: dict[str, Any], embed_dim: int, quick: bool) -> dict[str, Any]:
+def _open_clip_text_values(source: Source, tcfg: dict[str, Any], embed_dim: int, quick: bool,
+                           download: bool = True) -> dict[str, Any]:
     context = int(tcfg.get("context_length", 77))
     tok_kwargs = dict(tcfg.get("tokenizer_kwargs") or {})
     if tok_kwargs.get("strip_sep_token") or tcfg.get("tokenizer_mode"):
@@ -556,7 +565,11 @@ def _open_clip_text_values(source: Source, tcfg: dict[str, Any], embed_dim: int,
         pooling = {"mean_pooler": "mean", "cls_last_hidden_state_pooler": "cls"}.get(pooler)
         if pooling is None or proj not in ("linear", None):
             raise _unsupported(source, f"HF text tower with pooler {pooler!r} / proj {proj!r}")
-        config = AutoConfig.from_pretrained(resolve_model_path(tcfg["hf_model_name"]))
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(tcfg["hf_model_name"]), local_files_only=not download)
+        except OSError as exc:
+            raise ConfigError(f"model.init_from: {source.init_from}: its text tower {tcfg['hf_model_name']!r} "
+                              f"cannot be read ({str(exc).splitlines()[0]})") from exc
         if config.is_encoder_decoder:
             raise _unsupported(source, "encoder-decoder HF text tower")
         text.update(name_or_path=tcfg["hf_model_name"], config=_hf_config_dict(config), pooling=pooling,
@@ -725,7 +738,7 @@ def resolve_model_config(model_cfg: ModelConfig, download: bool = True, weights:
                 return merge_values(model_cfg, values, model_cfg.vision.name, soft=True)
         return model_cfg
     source = locate_source(model_cfg.init_from, model_cfg.init_format, download=download)
-    arch = describe(source, weights=weights)
+    arch = describe(source, weights=weights, download=download)
     # A timm tower's data config and input size are defaults (timm resamples position embeddings to
     # another size); a whole model's shape and preprocessing are what it was trained with.
     return merge_values(model_cfg, arch.values, model_cfg.init_from, soft=source.format == "timm")
