@@ -191,10 +191,11 @@ def hf_siglip_state(state: Tensors) -> Tensors:
 # --------------------------------------------------------------------------- open_clip
 
 
-def open_clip_text_state(state: Tensors, prefix: str, model_type: str) -> Tensors:
+def open_clip_text_state(state: Tensors, prefix: str) -> Tensors:
     """open_clip's own TextTransformer under `prefix` -> CLIPTextModel / SiglipTextModel weights + text_proj.
 
-    `model_type` is clip_text_model (causal, open_clip's default) or siglip_text_model (no causal mask).
+    Both transformers classes use these names: the causal CLIPTextModel for open_clip's default
+    text tower, SiglipTextModel for one without a causal mask (open_clip's SigLIP).
     """
     out: Tensors = {}
     t = "text."
@@ -219,7 +220,6 @@ def open_clip_text_state(state: Tensors, prefix: str, model_type: str) -> Tensor
         if f"{prefix}text_projection.bias" in state:
             out["text_proj.bias"] = state.pop(f"{prefix}text_projection.bias")
     state.pop(f"{prefix}attn_mask", None)  # the causal mask buffer
-    del model_type  # both HF classes share these names under text_model.
     return out
 
 

@@ -856,9 +856,9 @@ def _open_clip_state(source: Source, model: nn.Module) -> dict[str, torch.Tensor
     if tcfg.get("hf_model_name"):
         out.update(convert.open_clip_hf_text_state(state))
     else:
+        # CustomTextCLIP keeps its text tower under `text.`, CLIP at the top level.
         prefix = "text." if any(k.startswith("text.token_embedding") for k in state) else ""
-        causal = not tcfg.get("no_causal_mask", False)
-        out.update(convert.open_clip_text_state(state, prefix, "clip_text_model" if causal else "siglip_text_model"))
+        out.update(convert.open_clip_text_state(state, prefix))
     out["logit_scale"] = state.pop("logit_scale").reshape(1)
     if "logit_bias" in state:
         out["logit_bias"] = state.pop("logit_bias").reshape(1)
