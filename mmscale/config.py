@@ -28,6 +28,8 @@ RESIZE_MODES = ("shortest", "squash")
 POOLINGS = ("cls", "mean", "eos", "last")
 PROJECTIONS = ("linear", "linear_bias", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INIT_FORMATS = ("", "transformers", "open_clip", "timm", "sentence_transformers")
+TEXT_CLEANING = ("", "whitespace", "lower", "canonicalize")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,16 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a tower's linear layers: the tower's own weights freeze, the adapters train."""
+
+    rank: int = 0  # adapter rank r; 0: no adapters (the whole tower trains)
+    alpha: float = 16.0  # scaling: the update is (alpha / rank) * B @ A
+    dropout: float = 0.0  # dropout on the adapters' input
+    targets: list[str] = field(default_factory=list)  # names (or name suffixes) of the linear layers to adapt, e.g. [qkv, proj]; empty: every linear layer of the tower
+
+
+@dataclass
 class VisionConfig:
     """The timm image tower."""
 
@@ -97,11 +109,15 @@ class VisionConfig:
     crop_pct: float = 1.0  # evaluation: share of the resized shorter side the centre crop keeps (timm's crop_pct)
     mean: list[float] = field(default_factory=list)  # per-channel mean in [0, 1] units; empty: the tower's timm data config
     std: list[float] = field(default_factory=list)  # per-channel std; empty: the tower's timm data config
-    weights: str = ""  # optional local file of timm weights (no hub at run time)
+    weights: str = ""  # optional local file of weights for `name`, read through timm's pretrained config (its checkpoint filter converts OpenAI / open_clip ViT keys)
+    pretrained: bool = False  # timm's pretrained weights of `name` (e.g. vit_base_patch16_clip_224.openai) from the hub or its cache
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for tiny towers
     locked: bool = False  # LiT-style: freeze the tower (its projection still trains)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     proj: str = "linear"  # into the shared space: linear | linear_bias | none (the tower's width is embed_dim, e.g. SigLIP)
+    lr_mult: float = 1.0  # learning-rate multiplier of the tower (e.g. 0.1 to move a pretrained tower gently)
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of L gets layer_decay ** (L + 1 - i), the stem layer_decay ** (L + 1); 1: off
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -117,18 +133,25 @@ class TextConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     proj: str = "linear"  # into the shared space: linear | linear_bias (SigLIP's text head) | none
     attend_padding: bool = False  # the tower sees the whole max_length sequence, pads included, unmasked (SigLIP is trained so)
+    clean: str = ""  # text cleaning before tokenizing, as open_clip's tokenizers: whitespace | lower | canonicalize (lower case, no punctuation); empty: none
+    lr_mult: float = 1.0  # learning-rate multiplier of the tower
+    layer_decay: float = 1.0  # layer-wise lr decay over the tower's layers, as model.vision.layer_decay; 1: off
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class ModelConfig:
     """The dual encoder: two towers projected into one space."""
 
+    init_from: str = ""  # start from a pretrained model: a hub name or folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG_OR_FILE), a sentence-transformers folder, or timm:NAME[:FILE] (the vision tower)
+    init_format: str = ""  # the source's format where a folder holds several: transformers | open_clip | timm | sentence_transformers; empty: recognised from what is there
     embed_dim: int = 256  # shared embedding size both towers project to
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # initial log of the logit scale: ln(1/0.07)
-    max_logit_scale: float = math.log(100)  # the log scale is clamped here: ln(100)
+    max_logit_scale: float = math.log(100)  # the log scale is clamped here: ln(100) (raised to a pretrained model's own scale)
     init_logit_bias: float = -10.0  # SigLIP only
+    head_lr_mult: float = 1.0  # learning-rate multiplier of the projections and the logit scale / bias
 
 
 @dataclass
@@ -464,6 +487,21 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(m.text.pooling != "last" or m.text.attend_padding, "model.text.pooling",
            "last pools the final position of the padded sequence: it needs model.text.attend_padding=true")
     _check(m.text.max_length > 0, "model.text.max_length", "must be > 0")
+    _one_of(m.init_format, INIT_FORMATS, "model.init_format")
+    _check(not m.init_format or bool(m.init_from), "model.init_format", "is set but model.init_from is empty")
+    _one_of(m.text.clean, TEXT_CLEANING, "model.text.clean")
+    _check(not m.vision.pretrained or not m.vision.weights, "model.vision.pretrained",
+           "and model.vision.weights both name the tower's weights: set one")
+    _check(m.head_lr_mult > 0, "model.head_lr_mult", f"must be > 0, got {m.head_lr_mult}")
+    for where, tower in (("vision", m.vision), ("text", m.text)):
+        _check(tower.lr_mult > 0, f"model.{where}.lr_mult", f"must be > 0 (model.{where}.locked freezes a tower), got {tower.lr_mult}")
+        _check(0 < tower.layer_decay <= 1, f"model.{where}.layer_decay", f"must be in (0, 1], got {tower.layer_decay}")
+        lora = tower.lora
+        _check(lora.rank >= 0, f"model.{where}.lora.rank", f"must be >= 0 (0: no adapters), got {lora.rank}")
+        _check(lora.alpha > 0, f"model.{where}.lora.alpha", f"must be > 0, got {lora.alpha}")
+        _check(0 <= lora.dropout < 1, f"model.{where}.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+        _check(not (lora.rank and tower.locked), f"model.{where}.lora.rank",
+               f"adapters train a tower that model.{where}.locked freezes: use one of them")
     _check(m.max_logit_scale > 0, "model.max_logit_scale", "must be > 0")
     _check(
         m.init_logit_scale <= m.max_logit_scale,

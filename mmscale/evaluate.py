@@ -199,7 +199,7 @@ def resolve_trained(path: str | Path) -> dict[str, Any]:
 
     Recorded in eval.json and mining's summary.json, so a result names the checkpoint it came from.
     """
-    from mmscale.export import CONFIG_FILE, is_export_dir, resolve_checkpoint
+    from mmscale.models.load import CONFIG_FILE, is_export_dir, resolve_checkpoint
 
     if is_export_dir(path):
         source = json.loads((Path(path) / CONFIG_FILE).read_text()).get("source", {})
@@ -212,21 +212,15 @@ def resolve_trained(path: str | Path) -> dict[str, Any]:
 
 
 def load_trained(path: str | Path, kind: str = "dual_encoder"):
-    """(model of `kind` in eval mode, its ModelConfig) from a training checkpoint or an export.
+    """(model of `kind` in eval mode, its self-contained ModelConfig) from a checkpoint, an export or a pretrained source.
 
-    The config is self-contained (rebuilds the towers without the hub) and its
-    `text.tokenizer` names a local tokenizer: the run's own, or the export's copy.
+    The config rebuilds the towers without the hub, and its `text.tokenizer` names the tokenizer
+    (the export's copy, the run's, or the source's).
     """
-    from mmscale.export import is_export_dir, load_model
-    from mmscale.models import resolve_model_path
+    from mmscale.models.load import load_model
 
-    model, spec = load_model(path)  # an export's spec already anchors its tokenizer directory
-    if spec.kind != kind:
-        raise ValueError(f"{path}: holds a {spec.kind}, not the {kind} asked for")
-    model_cfg = spec.model
-    if not is_export_dir(path):
-        model_cfg.text.tokenizer = resolve_model_path(model_cfg.text.tokenizer or model_cfg.text.name_or_path)
-    return model.eval(), model_cfg
+    loaded = load_model(path, kind=kind)
+    return loaded.model, loaded.spec.model
 
 
 def load_bi_encoder(path: str | Path):

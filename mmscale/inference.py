@@ -1,7 +1,8 @@
 """Inference: `mmscale.load(path)` -> encode texts and images, compare them, re-rank; `mmscale encode` for shards.
 
-`load` accepts an export directory (see mmscale/export/) or a training checkpoint (a step
-directory or a run's output_dir, consolidated in memory). Images go through exactly the eval
+`load` accepts an export directory (see mmscale/export/), a training checkpoint (a step
+directory or a run's output_dir, consolidated in memory) or a pretrained model mmscale converts
+(what `model.init_from` takes): all through `mmscale.models.load.load_model`. Images go through exactly the eval
 transform the training data pipeline uses (`mmscale.data.transforms`), texts through the same
 tokenisation, so an embedding here equals the one evaluation computed during training.
 
@@ -26,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from mmscale.config import ImagePreprocess
-from mmscale.export import DTYPES, is_export_dir, load_checkpoint_model, read_export
+from mmscale.models.load import DTYPES, load_model
 from mmscale.retrieval.encode import check_truncate_dim, truncate
 
 ImageInput = Image.Image | str | os.PathLike | torch.Tensor
@@ -219,21 +220,16 @@ class RerankerModel(_LoadedModel):
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> EmbeddingModel | RerankerModel:
-    """A model for inference from an export directory or a training checkpoint (consolidated in memory).
+    """A model for inference from an export directory, a training checkpoint or a pretrained source.
 
-    `dtype` (fp32 | bf16) defaults to the exported one (fp32 for a checkpoint).
+    `dtype` (fp32 | bf16) defaults to the exported one (fp32 for a checkpoint or a source).
     """
-    from mmscale.models import load_tokenizer
-
-    if is_export_dir(path):
-        model, spec, _, stored = read_export(path)
-    else:
-        model, spec, _, _ = load_checkpoint_model(path)
-        stored = "fp32"
-    tokenizer = load_tokenizer(spec.model.text)
-    model = model.to(DTYPES[dtype or stored])
-    cls = RerankerModel if spec.kind == "reranker" else EmbeddingModel
-    return cls(model, tokenizer, model.preprocess, spec.model.text.max_length, device)
+    loaded = load_model(path)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = loaded.model.to(DTYPES[dtype or loaded.dtype])
+    cls = RerankerModel if loaded.kind == "reranker" else EmbeddingModel
+    return cls(model, loaded.tokenizer(), model.preprocess, loaded.spec.model.text.max_length, device)
 
 
 # --------------------------------------------------------------------------- encoding shard sets

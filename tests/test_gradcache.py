@@ -144,10 +144,12 @@ def dense_loss(cfg, img, txt, scale, bias):
     return total
 
 
-def reference_step(name: str) -> dict:
-    """Plain torch, one process: loss on all 16 samples, full gradients, params after one SGD step."""
-    cfg = case_config(name)
-    _, dropout = ALL_CASES[name]
+def reference_step(name: str, config_fn=None) -> dict:
+    """Plain torch, one process: loss on all 16 samples, full gradients, params after one SGD step.
+
+    `config_fn(name) -> (config, dropout)` describes cases defined elsewhere (default: this file's cases).
+    """
+    cfg, dropout = config_fn(name) if config_fn is not None else (case_config(name), ALL_CASES[name][1])
     if cfg.train.precision == "bf16":
         cfg.train.precision = "fp32"  # the reference is the exact fp32 step
     model = new_model(cfg).train()
@@ -194,7 +196,7 @@ def count_forwards(module: torch.nn.Module, counts: dict[str, int], key: str) ->
     module.register_forward_hook(hook)
 
 
-def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
+def _rank_worker(rank: int, port: int, out_dir: str, names: list[str], config_fn=None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -210,7 +212,7 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str]) -> None:
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     batch = {k: v[rows] for k, v in global_batch().items()}
     for name in names:
-        cfg = case_config(name)
+        cfg = config_fn(name)[0] if config_fn is not None else case_config(name)
         ds = build_ds_config(cfg, WORLD)
         if cfg.train.zero_stage == 3:
             ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even the logit scale
@@ -276,6 +278,11 @@ def test_gradcache_matches_full_batch_step(rank_results, name):
         assert got["tower_calls"][tower] == expected, (tower, got["tower_calls"])
     if got["nan_result"] is not None:  # rank 0's own rows were finite, yet it refused the step too
         assert got["nan_result"]["finite"] is False
+    assert_matches_reference(got, ref)
+
+
+def assert_matches_reference(got: dict, ref: dict) -> None:
+    """The ranks' loss, full gradients and stepped parameters equal the one-process reference's."""
     assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
     assert got["grads"].keys() == ref["grads"].keys()
     assert got["grads"]["logit_scale"].abs().item() > 1e-4  # the scale gradient is real, not trivially 0

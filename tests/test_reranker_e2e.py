@@ -177,8 +177,9 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     assert report["checkpoint"]["step"] == 1 and report["rerank"]["reranker_checkpoint"]["step"] == 18
 
     # The saved reranker exports and loads like any checkpoint.
-    from mmscale.export import load_checkpoint_model
+    from mmscale.models.load import load_model
 
-    model, spec, _, _ = load_checkpoint_model(run)
-    assert spec.kind == "reranker"
+    loaded = load_model(run)
+    model, spec = loaded.model, loaded.spec
+    assert spec.kind == "reranker" and loaded.origin == "checkpoint"
     assert to_dict(spec.rerank)["fusion_dim"] == 32 and hasattr(model, "score")

@@ -12,10 +12,11 @@ than the manifest says is a `manifest_mismatch`. Each problem also leaves one li
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -23,6 +24,8 @@ from webdataset.gopen import gopen
 
 from mmscale.data.manifest import sample_key
 from mmscale.data.urls import is_local
+
+log = logging.getLogger(__name__)
 
 SHARD_REASONS = ("truncated_tar", "unreadable_tar", "unreachable_shard", "manifest_mismatch")
 _WHAT = {
@@ -157,6 +160,26 @@ def collect_samples(url: str, wanted: set[int], *, retries: int = 3, retry_delay
     finally:
         attempts.close()
     return found
+
+
+def read_shards(urls: Iterable[str], bad: Counter, *, retries: int = 3, retry_delay: float = 0.5) -> Iterator[dict]:
+    """Raw samples of several shards, one after the other (no split, no resume: a plain sequential read).
+
+    A shard that fails is logged and counted once in `bad` under its reason. The loader reads through
+    `ShardReader` instead, which also accounts lost samples against the manifest.
+    """
+    for url in urls:
+        attempts = read_attempts(url, retries=retries, retry_delay=retry_delay)
+        while True:
+            try:
+                sample, _ = next(attempts)
+            except StopIteration as stop:
+                reason, error, delivered = stop.value
+                if reason is not None:
+                    bad[reason] += 1
+                    log.warning("shard %s: %s after %d samples (%s)", url, reason, delivered, error)
+                break
+            yield sample
 
 
 Keep = Callable[[int, int], bool]  # (shard index, sample index) -> does this reader hand the sample out

@@ -33,180 +33,41 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
 from torch import nn
 
-from mmscale.config import Config, ModelConfig, RerankConfig, from_dict, to_dict
+from mmscale.config import Config
 from mmscale.export.card import CardInfo
 from mmscale.export.errors import ExportError
 from mmscale.export.output import Staging, check_output
 from mmscale.export.shapes import FORMATS
+from mmscale.models.load import (  # noqa: F401 - re-exported for the writers' callers
+    CONFIG_FILE,
+    DTYPES,
+    FORMAT_VERSION,
+    KINDS,
+    PREPROCESS_FILE,
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    LoadedModel,
+    ModelLoadError,
+    ModelSpec,
+    build_model,
+    consolidate_state_dict,
+    detect_kind,
+    is_export_dir,
+    load_model,
+    read_run_config,
+    resolve_checkpoint,
+    self_contained,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "mmscale_config.json"
-PREPROCESS_FILE = "preprocess.json"
-TOKENIZER_DIR = "tokenizer"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KINDS = ("dual_encoder", "reranker")
-
-
-# --------------------------------------------------------------------------- finding checkpoints
-
-
-def is_export_dir(path: str | os.PathLike) -> bool:
-    """A directory written by `export_checkpoint` / `save_export`."""
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A complete step directory: `path` itself, or the newest one under `path` or `path/checkpoints`."""
-    from mmscale.train.checkpoint import COMPLETE_MARKER, TMP_PREFIX, find_latest_below, is_complete
-
-    p = Path(path)
-    if not p.exists():
-        raise ExportError(f"{p}: no such file or directory")
-    if is_complete(p):
-        return p
-    if p.name.startswith(TMP_PREFIX) or (p.name.startswith("step_") and _has_model_states(p)):
-        # The Checkpointer's marker is written last: without it the save died part way.
-        raise ExportError(f"{p}: an incomplete checkpoint (no {COMPLETE_MARKER}); its save did not finish")
-    if _has_model_states(p):
-        # A plain DeepSpeed tag directory (not written by mmscale's Checkpointer): usable if a config is near.
-        return p
-    latest = find_latest_below(p)
-    if latest is not None:
-        return latest
-    raise ExportError(
-        f"{p}: not a checkpoint: expected a step_* directory with complete.json, "
-        f"a checkpoints/ directory holding them, or a run's output_dir"
-    )
-
-
-def _has_model_states(p: Path) -> bool:
-    return p.is_dir() and any(p.glob("*model_states.pt"))
-
-
-def read_run_config(step_dir: Path) -> Config:
-    """The resolved run config saved with a checkpoint (`config.yaml` beside the weights)."""
-    for candidate in (step_dir / "config.yaml", step_dir.parent.parent / "config.yaml"):
-        if candidate.is_file():
-            # Types are checked but not `validate`d: paths it names (ds_config, data) need not exist here.
-            return from_dict(yaml.safe_load(candidate.read_text()) or {})
-    raise ExportError(f"{step_dir}: no config.yaml saved with this checkpoint; cannot tell how to build the model")
-
-
-# --------------------------------------------------------------------------- consolidation
-
-
-def consolidate_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint, offline and rank-free (ZeRO 1/2/3 via DeepSpeed's zero_to_fp32)."""
-    if any(step_dir.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # The fp32 master weights live in the optimizer shards; the module copy may be bf16 or empty (ZeRO-3).
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    # ZeRO stage 0: the whole module is in the model-states file.
-    model_file = step_dir / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise ExportError(f"{step_dir}: no DeepSpeed model states (mp_rank_00_model_states.pt) to consolidate")
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-
-
-def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
-    """dual_encoder or reranker, from the parameter names (only the reranker has a fusion transformer)."""
-    return "reranker" if any(k.startswith("fusion.") for k in state_dict) else "dual_encoder"
-
-
-# --------------------------------------------------------------------------- building models
-
-
-@dataclass
-class ModelSpec:
-    """What it takes to rebuild a model with no checkpoint around: kind, towers, heads."""
-
-    kind: str
-    model: ModelConfig
-    rerank: RerankConfig
-    with_bias: bool = False  # SigLIP's learnable logit bias
-
-    def to_json(self) -> dict[str, Any]:
-        """The `mmscale_config.json` body (without the dtype)."""
-        out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": self.kind, "model": to_dict(self.model)}
-        if self.kind == "reranker":
-            r = self.rerank
-            out["rerank"] = {"fusion_dim": r.fusion_dim, "fusion_layers": r.fusion_layers, "fusion_heads": r.fusion_heads}
-        else:
-            out["with_bias"] = self.with_bias
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], root: str | os.PathLike | None = None) -> ModelSpec:
-        """Read `mmscale_config.json` back; `root` (the export directory) anchors its relative tokenizer path."""
-        if data.get("kind") not in KINDS:
-            raise ExportError(f"{CONFIG_FILE}: unknown kind {data.get('kind')!r} (expected {' | '.join(KINDS)})")
-        cfg = from_dict({"model": data["model"], "rerank": data.get("rerank", {})})
-        if root is not None and cfg.model.text.tokenizer == TOKENIZER_DIR:
-            cfg.model.text.tokenizer = str(Path(root).resolve() / TOKENIZER_DIR)
-        return cls(kind=data["kind"], model=cfg.model, rerank=cfg.rerank, with_bias=bool(data.get("with_bias")))
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """An untrained model of the spec's shape (weights are loaded by the caller)."""
-    from mmscale.models import build_dual_encoder
-
-    dual = build_dual_encoder(spec.model, with_bias=spec.with_bias)
-    if spec.kind == "dual_encoder":
-        return dual
-    from mmscale.models.reranker import build_reranker
-
-    return build_reranker(dual, spec.rerank)
-
-
-def self_contained(model_cfg: ModelConfig, model: nn.Module) -> ModelConfig:
-    """A copy of the model config that rebuilds the towers without the hub or the files the run started from."""
-    cfg = copy.deepcopy(model_cfg)
-    text_config = model.text.config.to_diff_dict()
-    # Versions, origins and dtypes are provenance, not shape; a stale dtype would even change the build.
-    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
-        text_config.pop(key, None)
-    text_config["model_type"] = model.text.config.model_type
-    cfg.text.config = text_config
-    # Explicit, so that the hub name in name_or_path is never the fallback once `config` is inline.
-    cfg.text.tokenizer = cfg.text.tokenizer or cfg.text.name_or_path
-    cfg.text.grad_checkpointing = False
-    cfg.vision.weights = ""  # the weights are in model.safetensors
-    cfg.vision.grad_checkpointing = False
-    return cfg
-
-
-def load_checkpoint_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, Config, Path]:
-    """(model with fp32 weights, its spec, the run config, the step dir) from a training checkpoint."""
-    step_dir = resolve_checkpoint(path)
-    run_cfg = read_run_config(step_dir)
-    state = consolidate_state_dict(step_dir)
-    spec = ModelSpec(
-        kind=detect_kind(state), model=run_cfg.model, rerank=run_cfg.rerank, with_bias="logit_bias" in state
-    )
-    model = build_model(spec)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(
-            f"{step_dir}: weights do not match a {spec.kind} built from its config.yaml "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    model.eval()
-    spec = ModelSpec(spec.kind, self_contained(run_cfg.model, model), run_cfg.rerank, spec.with_bias)
-    return model, spec, run_cfg, step_dir
+# Loading (finding checkpoints, consolidating ZeRO shards, rebuilding models) lives in mmscale.models.load,
+# below this module in the import graph; its names are re-exported here for the writers and their callers.
 
 
 # --------------------------------------------------------------------------- writing
@@ -245,30 +106,6 @@ def save_export(
     """Write an mmscale export directory (with its model card) for an in-memory model."""
     return export_model(model, spec, tokenizer, output, formats=("mmscale",), dtype=dtype,
                         info=CardInfo(source=dict(source or {})), overwrite=overwrite)
-
-
-def read_export(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str, Any], str]:
-    """(model in eval mode with the stored dtype, spec, preprocess settings, dtype name) of an export directory."""
-    from safetensors.torch import load_model as load_weights
-
-    root = Path(path)
-    config = json.loads((root / CONFIG_FILE).read_text())
-    spec = ModelSpec.from_json(config, root=root)
-    dtype = config.get("dtype", "fp32")
-    model = build_model(spec).to(DTYPES[dtype])
-    # strict: a missing or unexpected tensor means the export and this code disagree about the model.
-    load_weights(model, str(root / WEIGHTS_FILE), strict=True)
-    preprocess = json.loads((root / PREPROCESS_FILE).read_text())
-    return model.eval(), spec, preprocess, dtype
-
-
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec]:
-    """(model in eval mode, self-contained spec) from an export directory or a training checkpoint."""
-    if is_export_dir(path):
-        model, spec, _, _ = read_export(path)
-    else:
-        model, spec, _, _ = load_checkpoint_model(path)
-    return model, spec
 
 
 def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
@@ -397,8 +234,6 @@ def export_checkpoint(
     `interpolate_from` (a checkpoint or export) when given, else the run's seeded initial model.
     `push_to_hub` uploads the folder to that Hub repository afterwards (one format per repository).
     """
-    from mmscale.models import load_tokenizer
-
     names = parse_formats(formats)
     if push_to_hub:
         from mmscale.export.hub import check_repo_id
@@ -413,9 +248,15 @@ def export_checkpoint(
     step_dir = resolve_checkpoint(checkpoint)
     run_dir = run_dir_of(step_dir)
     check_output(output, overwrite=overwrite, sources=(step_dir, run_dir))  # before the (slow) consolidation
-    model, spec, run_cfg, step_dir = load_checkpoint_model(step_dir)
-    tokenizer = load_tokenizer(run_cfg.model.text)
+    loaded = load_model(step_dir)
+    if loaded.origin != "checkpoint":
+        raise ExportError(f"{checkpoint}: not a training checkpoint (it is {loaded.origin!r})")
+    loaded.merge_lora()  # an export holds plain weights: adapters folded in
+    model, spec, run_cfg = loaded.model, loaded.spec, loaded.run_config
+    tokenizer = loaded.tokenizer()
     info = checkpoint_card_info(step_dir, run_cfg)
+    if spec.model.init_from:
+        info.source["init_from"] = spec.model.init_from  # what the run started from
     if push_to_hub:
         info.repo = push_to_hub
     if interpolate is not None:

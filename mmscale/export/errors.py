@@ -1,7 +1,10 @@
-"""The one error type of the export package (its own module, so that every format module can raise it)."""
+"""The one error type of model loading and export (exit 2): `ExportError` is the loader's `ModelLoadError`.
 
-from mmscale.errors import BadInputError
+Loading a checkpoint and writing an export fail for the same kinds of reasons (a path that is not a
+model, a format that cannot express it, an output that must not be touched); one type, raised by
+both, so callers catch one thing.
+"""
 
+from mmscale.models.load import ModelLoadError as ExportError
 
-class ExportError(BadInputError, RuntimeError):
-    """A checkpoint cannot be found, consolidated or exported, or a format cannot express the model (exit 2)."""
+__all__ = ["ExportError"]

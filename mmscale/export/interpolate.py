@@ -51,18 +51,17 @@ def starting_model(run_cfg: Config, with_bias: bool) -> nn.Module:
     For a random-init run these are the step-0 weights the seed gives; towers the config loads from
     pretrained weights (model.vision.weights, a text tower's name_or_path) load them again.
     """
-    from mmscale.models import build_dual_encoder
-    from mmscale.train.loop import seed_everything
+    from mmscale.models.load import ModelSpec, build_starting_model
 
-    seed_everything(run_cfg.train.seed)  # as Trainer.__init__ does right before it builds the model
-    return build_dual_encoder(run_cfg.model, with_bias=with_bias).eval()
+    return build_starting_model(ModelSpec("dual_encoder", run_cfg.model, run_cfg.rerank, with_bias), run_cfg.train.seed)
 
 
 def load_start(path: str | os.PathLike) -> nn.Module:
     """Starting weights from a checkpoint or an export directory (e.g. a saved initial checkpoint)."""
-    from mmscale.export import load_model
+    from mmscale.models.load import load_model
 
-    model, spec = load_model(path)
-    if spec.kind != "dual_encoder":
-        raise ExportError(f"{path}: the starting model for --interpolate must be a dual encoder, not a {spec.kind}")
-    return model
+    loaded = load_model(path)
+    if loaded.spec.kind != "dual_encoder":
+        raise ExportError(f"{path}: the starting model for --interpolate must be a dual encoder, not a {loaded.spec.kind}")
+    loaded.merge_lora()
+    return loaded.model

@@ -141,8 +141,13 @@ class DualEncoder(nn.Module):
 
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
-        # clamp passes no gradient once the cap is hit, which is what stops the temperature there.
-        scale = self._scalar("logit_scale").clamp(max=self.max_logit_scale).exp().reshape(())
+        # Above the cap the scale is the constant cap: no gradient, which is what stops the temperature
+        # there. At the cap itself the gradient passes (clamp's would not), so that a pretrained model
+        # loaded with its scale exactly at the cap (OpenAI CLIP's ln 100, or a raised cap) still trains it.
+        log_scale = self._scalar("logit_scale")
+        over = log_scale > self.max_logit_scale
+        capped = torch.where(over, torch.full_like(log_scale, self.max_logit_scale), log_scale)
+        scale = capped.exp().reshape(())
         return scale, (self._scalar("logit_bias").reshape(()) if self.logit_bias is not None else None)
 
     def forward(
@@ -195,12 +200,23 @@ def _timm_preprocess(visual: nn.Module) -> ImagePreprocess:
                            std=tuple(data_cfg["std"]))
 
 
-def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False) -> DualEncoder:
-    """Build the dual encoder from its config; `with_bias` adds SigLIP's learnable `logit_bias`."""
-    visual = build_vision_tower(model_cfg.vision)
-    return DualEncoder(
+def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False, pretrained: bool = True) -> DualEncoder:
+    """Build the dual encoder from its config; `with_bias` adds SigLIP's learnable `logit_bias`.
+
+    With `pretrained` (the default) the weights come from `model.init_from` (converted; the config
+    is resolved against the source first) and from the towers' own pretrained settings; with
+    `pretrained=False` the model is built at random from a self-contained config, for weights
+    that come from a checkpoint or an export. LoRA adapters (`model.*.lora`) are added last.
+    """
+    from mmscale.models.lora import apply_lora
+    from mmscale.models.pretrained import load_pretrained_weights, resolve_model_config
+
+    if pretrained:
+        model_cfg = resolve_model_config(model_cfg)
+    visual = build_vision_tower(model_cfg.vision, pretrained=pretrained)
+    model = DualEncoder(
         visual=visual,
-        text=build_text_tower(model_cfg.text),
+        text=build_text_tower(model_cfg.text, pretrained=pretrained),
         embed_dim=model_cfg.embed_dim,
         pooling=model_cfg.text.pooling,
         init_logit_scale=model_cfg.init_logit_scale,
@@ -213,3 +229,7 @@ def build_dual_encoder(model_cfg: ModelConfig, with_bias: bool = False) -> DualE
         text_proj=model_cfg.text.proj,
         attend_padding=model_cfg.text.attend_padding,
     )
+    if pretrained and model_cfg.init_from:
+        load_pretrained_weights(model, model_cfg)
+    apply_lora(model, model_cfg)
+    return model

