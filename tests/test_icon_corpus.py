@@ -73,6 +73,8 @@ def corpus(tmp_path_factory) -> tuple[Path, dict, Path, Path]:
     two = base / "themes" / "two"
     save(two, "64x64/actions/document-open.png", icon(64, 60))  # the same concept, another drawing
     save(two, "64x64/actions/mail-send.png", icon(64, 43))  # a copy of theme one's mail-send
+    save(two, "64x64/legacy/text-x-python.png", icon(64, 61))  # a folder that names no context
+    save(two, "64x64/legacy/only-here.png", icon(64, 62))
     out = base / "out"
     summary = make_icon_corpus([Theme("one", one, "one-icon-theme", "1.0"), Theme("two", two)], out,
                                val_fraction=0.3, seed=1, samples_per_shard=8, progress=False)  # fmt: skip
@@ -127,8 +129,8 @@ def test_one_sample_per_concept_after_aliases_and_duplicates(corpus):
     metas = sidecars(out)
     by_name = {(m["theme"], m["name"]): m for m in metas}
     # 26 shapes + document-open, go-next, go-next-rtl, edit-copy, mail-send, text-x-python in one;
-    # document-open in two (mail-send in two is a pixel copy of one's)
-    assert len(metas) == 26 + 6 + 1 == summary["counts"]["train"] + summary["counts"]["val"]
+    # document-open, text-x-python, only-here in two (mail-send in two is a pixel copy of one's)
+    assert len(metas) == 26 + 6 + 3 == summary["counts"]["train"] + summary["counts"]["val"]
     assert by_name[("one", "edit-copy")]["aliases"] == ["actions/copy-stuff", "apps/edit-copy-app"]
     assert ("one", "copy-stuff") not in by_name and ("one", "edit-copy-app") not in by_name
     # The first in (theme, context, name) order stays: mail-send; its copies become aliases.
@@ -144,6 +146,11 @@ def test_one_sample_per_concept_after_aliases_and_duplicates(corpus):
     assert doc["source"] == "64x64/actions/document-open.png" and doc["size"] == [64, 64]
     assert doc["caption"] == "open document (action icon)" and doc["package"] == "one-icon-theme"
     assert by_name[("one", "go-next")]["source"] == "48x48/actions/go-next.png"
+    # legacy/ names no context: the caption borrows the one the name has in theme one
+    python = by_name[("two", "text-x-python")]
+    assert (python["context"], python["caption_context"]) == ("legacy", "mimetypes")
+    assert python["caption"] == by_name[("one", "text-x-python")]["caption"] == "python text file (file type icon)"
+    assert by_name[("two", "only-here")]["caption"] == "only here (icon)"
 
 
 def test_images_are_flattened_onto_the_background(corpus, tmp_path):
