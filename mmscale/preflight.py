@@ -297,6 +297,17 @@ def check_timm_model(name: str, key: str = "model.vision.name") -> list[Finding]
 @register("model", stages=("train",))
 def _check_model(cfg: Config, ctx: Context) -> list[Finding]:
     v, t = cfg.model.vision, cfg.model.text
+    if cfg.model.init_from:
+        # The pretrained source defines the towers and the tokenizer: locate it (offline, no weights
+        # read) and check the config's keys against it instead of the defaults' names.
+        from mmscale.config import ConfigError
+        from mmscale.models.pretrained import check_init_from
+
+        try:
+            check_init_from(cfg.model)
+        except (ConfigError, OSError, ValueError) as exc:
+            return [Finding("model.init_from", str(exc))]
+        return []
     findings = check_timm_model(v.name)
     if v.weights and not Path(v.weights).is_file():
         findings.append(Finding("model.vision.weights", f"{_not_found(v.weights)}; name a local timm weights file"))

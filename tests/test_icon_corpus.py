@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from mmscale.config import ImagePreprocess
 from mmscale.data import build_eval_loader
 from tools.make_icon_corpus import Theme, caption_for, main, make_icon_corpus, normalized_name, split_of
 
@@ -202,8 +203,9 @@ def test_shards_and_manifests_are_read_by_the_loader(corpus):
         assert stats["created_by"] == "make_icon_corpus" and stats["split"] == split
         assert stats["total_samples"] == summary["counts"][split] == sum(s["samples"] for s in stats["shards"])
         captions = {k: s["txt"].decode() for k, s in read_split(out / split).items()}
-        loader = build_eval_loader(str(out / split), batch_size=5, rank=0, world_size=1, image_size=32,
-                                   mean=(0.5,) * 3, std=(0.5,) * 3, tokenizer=tokenizer, max_length=16, workers=1)  # fmt: skip
+        loader = build_eval_loader(str(out / split), batch_size=5, rank=0, world_size=1,
+                                   preprocess=ImagePreprocess(32, (0.5,) * 3, (0.5,) * 3), tokenizer=tokenizer,
+                                   max_length=16, workers=1)  # fmt: skip
         seen = {}
         for batch in loader:
             assert batch["image"].shape[1:] == (3, 32, 32)

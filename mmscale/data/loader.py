@@ -30,8 +30,10 @@ Only when the epoch's last batches need repeats does a resumed rank read its fir
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import multiprocessing
 import signal
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
@@ -104,6 +106,19 @@ class _ByWorker:
             report_notes(batch["_notes"])
             self._held[batch["_worker"]].append(batch)
         return self._held[worker].popleft()
+
+
+def _kill_workers_at_exit() -> None:
+    # Workers ignore SIGTERM (the rank decides what a stop signal means), so multiprocessing's own
+    # exit handler, which terminates daemonic children and then joins them, would wait forever
+    # whenever a rank leaves without shutting its DataLoader down (an exception mid-epoch).
+    # Registered after multiprocessing's handler, so it runs first.
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -50,7 +50,7 @@ from mmscale import distributed
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
 LOCKED_FEATURES = {"image_features": ("pixel_values",), "text_features": ("input_ids", "attention_mask")}
-REDUCTIONS = ("coalesced", "per_chunk")
+REDUCTIONS = ("coalesced", "per_chunk")  # and auto: see reduces_per_chunk
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -200,9 +200,15 @@ def supports_coalesced_reduction(engine) -> bool:
 
 
 def reduces_per_chunk(engine, mode: str) -> bool:
-    """Whether chunks are reduced as they come: per_chunk with a ZeRO stage that partitions gradients."""
+    """Whether chunks are reduced as they come: per_chunk with a ZeRO stage that partitions gradients.
+
+    `auto` is per_chunk under ZeRO-3 (the stage for models whose full gradient should not sit on every
+    rank) and coalesced otherwise (one reduction per step: least traffic).
+    """
+    if mode == "auto":
+        mode = "per_chunk" if engine.zero_optimization_stage() == 3 else "coalesced"
     if mode not in REDUCTIONS:
-        raise ValueError(f"train.grad_reduction must be one of {', '.join(REDUCTIONS)}, got {mode!r}")
+        raise ValueError(f"train.grad_reduction must be one of auto, {', '.join(REDUCTIONS)}, got {mode!r}")
     return mode == "per_chunk" and engine.zero_optimization_partition_gradients()
 
 

@@ -141,6 +141,11 @@ class Placement(TorchFunctionMode):
                 State.syncs[f"{_where(frame)} {name}(blocking host->device)"] += 1
             if target is None or (target is True and not mine):
                 target = source_host  # only mmscale's own code is held to putting tensors on the host
+            if out is first and target != source_host:
+                # On one physical device `.cpu()` / `.to()` hand back the tensor itself; on a GPU machine
+                # they make a new one on the other side. A view is that new tensor here.
+                with torch._C.DisableTorchFunction():
+                    out = first.view_as(first)
             _tag(out, target)
             return out
         if func in FACTORIES:
@@ -156,8 +161,10 @@ class Placement(TorchFunctionMode):
         big_host = [t for t in hosts if t.ndim > 0]
         big_device = [t for t in devices if t.ndim > 0]
         if big_host and big_device and name not in ("__getitem__", "__setitem__"):
+            kinds = ", ".join(f"{'host' if is_host(t) else 'device'} {tuple(t.shape)}" for t in tensors)
             msg = (f"{_where(frame)}: {name} mixes a host tensor {tuple(big_host[0].shape)} with a device tensor "
-                   f"{tuple(big_device[0].shape)} (CUDA: 'Expected all tensors to be on the same device')")
+                   f"{tuple(big_device[0].shape)} (CUDA: 'Expected all tensors to be on the same device'); "
+                   f"arguments: {kinds}")
             State.violations.append(msg)
             raise DeviceRuleError(msg)
         if name in ("__getitem__", "__setitem__") and first is not None and not is_host(first):
