@@ -62,6 +62,23 @@ def test_two_rank_training_obeys_the_device_rules(tmp_path):
         per_chunk = {s: n for s, n in step_syncs.items() if n > STEPS and "towers.py" not in s}
         assert per_chunk == {}, per_chunk
 
+    # The second stage's collective paths under the same rules: mining (every rank searches its
+    # captions against the corpus, broadcast part by part; group shards exchanged) and `mmscale eval`.
+    for command in (["mine", str(ROOT / "launch/configs/tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                     f"mine.checkpoint={tmp_path / 'run'}", f"data.train={tmp_path / 'data' / 'train'}",
+                     "mine.range_max=8", "mine.num_negatives=2", "data.workers=1"],
+                    ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "val"), "--batch-size", "8"]):
+        for old in report_dir.glob("*.json"):
+            old.unlink()
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+               "--module", "mmscale", *command]
+        proc = subprocess.run(cmd, env=checked_env(report_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        ranks = [r for r in reports(report_dir) if r["rank"] in ("0", "1")]
+        assert {r["rank"] for r in ranks} >= {"0", "1"}, command[0]
+        for r in ranks:
+            assert r["violations"] == [], (command[0], r["violations"])
+
 
 OLD_CODE = """
 import torch
