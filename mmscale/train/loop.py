@@ -197,13 +197,12 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Gradient-cached forward/backward, then the optimizer step unless any rank saw a non-finite loss."""
-        from mmscale.train.gradcache import train_step
+        from mmscale.train.gradcache import step_inputs, train_step
 
         t = self.cfg.train
         group = self.optimizer.param_groups[0]
         lr = group["lr"] / group.get("lr_mult", 1.0)  # the base lr: groups carry their fine-tuning multipliers
-        inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
-                  "attention_mask": batch["attention_mask"]}
+        inputs = step_inputs(batch)  # pixels and tokens; hard negatives, text pairs' documents where the batch has them
         result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
                             resolve_grad_reduction(t))
         result["lr"] = lr
