@@ -70,9 +70,10 @@ class KindMixLoader:
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's position and both loaders' states."""
-        return {"version": STATE_VERSION, "kind": "mixed", "batches": self.batches,
-                "images": self.images.state_dict(), "text_pairs": self.text_pairs.state_dict()}
+        """The schedule's position and both loaders' states (`epoch`: the image-text loader's, as a plain state has it)."""
+        images = self.images.state_dict()
+        return {"version": STATE_VERSION, "kind": "mixed", "epoch": images["epoch"], "batches": self.batches,
+                "images": images, "text_pairs": self.text_pairs.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`, or from a plain loader's state (a run that had no text pairs until now)."""

@@ -781,6 +781,9 @@ def resolve_model_config(model_cfg: ModelConfig, download: bool = True, weights:
         return model_cfg
     source = locate_source(model_cfg.init_from, model_cfg.init_format, download=download)
     arch = describe(source, weights=weights, download=download)
+    if source.format == "mmscale" and model_cfg.text.tokenizer:
+        # A tokenizer the user names wins: an export keeps a copy of the run's under another path.
+        arch.values["text"].pop("tokenizer", None)
     # A timm tower's data config and input size are defaults (timm resamples position embeddings to
     # another size); a whole model's shape and preprocessing are what it was trained with.
     return merge_values(model_cfg, arch.values, model_cfg.init_from, soft=source.format == "timm")

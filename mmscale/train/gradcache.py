@@ -17,6 +17,10 @@ gradient of the loss that pass 1 computed.
 
 Which samples share a chunk does not matter to that sum — not even whether a chunk's images and
 captions belong to the same samples, since image and text embeddings are computed independently.
+A batch is two streams of rows (`ChunkPlan`): images (the positives, then each row's mined hard
+negatives) and texts (the captions, then a text-pair batch's documents), each in chunks of
+`chunk_size`; with negatives there are more image chunks than text chunks, and a chunk may hold
+images only. The loss gets the streams split back (`call_loss`).
 So image chunks are contiguous slices of the batch (views: nothing is copied until a chunk goes to
 the device), and with `group_by_length` caption chunks are formed from captions of similar length,
 each cut to its longest caption, so the padding the loader adds is never encoded. The loss still
