@@ -38,14 +38,15 @@ def rerank_loss(
     listwise_weight: float = 1.0,
     distill_weight: float = 1.0,
     temperature: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the listwise and distillation losses (positive at column 0), and each part."""
+    # Parts as detached tensors: reading them (`.item()`) waits for the device; the loop reads them when it logs.
     listwise = listwise_softmax_loss(scores)
-    parts = {"listwise": listwise.item()}
+    parts = {"listwise": listwise.detach()}
     total = listwise_weight * listwise
     if teacher_scores is not None and distill_weight > 0:
         distill = distillation_loss(scores, teacher_scores, temperature)
-        parts["distill"] = distill.item()
+        parts["distill"] = distill.detach()
         total = total + distill_weight * distill
-    parts["loss"] = total.item()
+    parts["loss"] = total.detach()
     return total, parts
