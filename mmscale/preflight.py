@@ -208,6 +208,8 @@ def _check_data(cfg: Config, ctx: Context) -> list[Finding]:
     if ctx.stage == "train":
         findings = check_shards(cfg.data.train, "data.train", world_size=ctx.world_size,
                                 epoch_mode=cfg.data.mode == "epoch")  # fmt: skip
+        if cfg.data.text_pairs.strip():
+            findings += check_shards(cfg.data.text_pairs, "data.text_pairs")
     else:  # mining reads, and the reranker takes its images from, mine.data (default data.train)
         key = "mine.data" if cfg.mine.data else "data.train"
         findings = check_shards(cfg.mine.data or cfg.data.train, key)

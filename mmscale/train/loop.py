@@ -315,7 +315,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The stage's forward/backward, then the optimizer step unless any rank saw a non-finite loss or gradient."""
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_mult", 1.0)  # the base lr: groups carry their fine-tuning multipliers
         result = self.stage.step(self, batch)
         result["lr"] = lr
         # `finite` is already agreed across ranks by the step, so every rank takes the same branch.
@@ -536,11 +537,10 @@ class BiEncoderStage(Stage):
         )
 
     def step(self, trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
-        from mmscale.train.gradcache import train_step
+        from mmscale.train.gradcache import step_inputs, train_step
 
         t = self.cfg.train
-        inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
-                  "attention_mask": batch["attention_mask"]}
+        inputs = step_inputs(batch)  # pixels and tokens; hard negatives, text pairs' documents where the batch has them
         return train_step(trainer.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
                           resolve_grad_reduction(t))
 
