@@ -79,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    if args.rescore_with:
+        args.overrides = [*args.overrides, f"mine.rescore_with={args.rescore_with}"]
     cfg = _load(args, stage="mine")
     from mmscale.mine import run_mine
 
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mine", help="mine hard negatives with a trained bi-encoder")
     _add_config_args(p)
+    p.add_argument("--rescore-with", metavar="RERANKER", default="",
+                   help="also score every group with a trained reranker (mine.rescore_with): the teacher of a "
+                        "distilled bi-encoder round (loss.distill_weight)")
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("rerank", help="train the cross-encoder reranker on mined negatives")

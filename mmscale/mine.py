@@ -6,15 +6,22 @@ writes its own groups; nothing is gathered to one rank but counts, 64-bit hashes
 the chosen negatives (asked of their owners) and score distributions for the summary.
 
 Output (`mine.output`, default OUTPUT_DIR/mined):
-    hard_negatives.jsonl   one group per line: query, keys and bi-encoder scores (what `mmscale rerank` reads)
+    hard_negatives.jsonl   one group per line: query, keys and bi-encoder scores
     summary.json           counts per rule, score distributions, the checkpoint used (path and step), timings
-    groups/                the groups as WebDataset shards + stats.json (`retrieval.groups` has the layout)
+    groups/                the groups as WebDataset shards + stats.json (`retrieval.groups` has the layout):
+                           what `mmscale rerank` and a hard-negative round (`data.hard_negatives`) read
+
+`mine.rescore_with=RERANKER` (`--rescore-with`) also scores every written group with a trained
+reranker, on the rank that writes it, as the group's images pass through: its logits go into the
+group's json and record as `reranker_scores` (positive first), the teacher of a distilled
+bi-encoder round (`loss.distill_weight`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -87,15 +94,21 @@ def run_mine(cfg) -> int:
         bad_samples=_sum_counts(bad),
         settings={k: v for k, v in asdict(m).items() if k not in ("checkpoint", "output")},
     )
-    write_records(out, records, None)
     if m.groups_per_shard:
+        rescore, rescored_with = None, None
+        if m.rescore_with:
+            rescored_with = resolve_trained(m.rescore_with)
+            rescore = reranker_scorer(m.rescore_with, device, cfg.data.max_pixels)
+            summary["rescored_with"] = rescored_with
         stats = write_group_shards(
             out / GROUPS_DIR, groups, records, corpus, urls, image_keys=cfg.data.image_keys,
-            text_key=cfg.data.text_key, groups_per_shard=m.groups_per_shard,
-            extra_stats={"checkpoint": checkpoint, "data": urls, "num_negatives": m.num_negatives},
+            text_key=cfg.data.text_key, groups_per_shard=m.groups_per_shard, rescore=rescore,
+            extra_stats={"checkpoint": checkpoint, "data": urls, "num_negatives": m.num_negatives,
+                         **({"rescored_with": rescored_with} if rescored_with else {})},
         )  # fmt: skip
         summary["group_shards"] = {k: stats.get(k) for k in ("num_shards", "groups", "groups_missing_images",
                                                              "groups_without_negatives", "total_bytes", "exchange")}  # fmt: skip
+    write_records(out, records, None)  # after the shards: a rescored group's record has its reranker_scores
     summary["seconds"] = {"encode": encoded_s, "mine": mined_s, "total": time.perf_counter() - start}
     if rank == 0:
         import json
@@ -105,6 +118,22 @@ def run_mine(cfg) -> int:
         print(f"mined {summary['negatives']} hard negatives for {summary['queries']} queries -> {out}")
     distributed.barrier()  # the files exist for every rank once mine returns
     return 0
+
+
+def reranker_scorer(path: str, device, max_pixels: int) -> Callable[[str, list[bytes]], list[float]]:
+    """`score(query, [image bytes...])`: a trained reranker's logits for one group (`mine.rescore_with`)."""
+    from mmscale.data.decode import decode_rgb
+    from mmscale.inference import load
+
+    reranker = load(path, device=str(device))
+    if reranker.kind != "reranker":
+        raise BadInputError(f"mine.rescore_with: {path} is a {reranker.kind} model; name a reranker trained by "
+                            "`mmscale rerank` (its run directory, a checkpoint or an export)")
+
+    def score(query: str, images: list[bytes]) -> list[float]:
+        return reranker.score(query, [decode_rgb(data, max_pixels) for data in images]).tolist()
+
+    return score
 
 
 def _check_output(out: Path, overwrite: bool, groups: bool) -> None:

@@ -386,6 +386,11 @@ def _check_mine_checkpoint(cfg: Config, ctx: Context) -> list[Finding]:
     return check_model_source(cfg.mine.checkpoint, "mine.checkpoint")
 
 
+@register("mine.rescore_with", stages=("mine",))
+def _check_rescore_with(cfg: Config, ctx: Context) -> list[Finding]:
+    return check_model_source(cfg.mine.rescore_with, "mine.rescore_with") if cfg.mine.rescore_with else []
+
+
 @register("rerank.mined", stages=("rerank",))
 def _check_mined(cfg: Config, ctx: Context) -> list[Finding]:
     from mmscale.retrieval.groups import find_group_shards

@@ -13,7 +13,9 @@ import pytest
 import torch
 import yaml
 
+import mmscale
 from mmscale.config import from_dict, to_dict
+from mmscale.data.decode import decode_rgb
 from mmscale.distributed import free_port
 from tests.test_resume import _rank_process
 
@@ -232,3 +234,27 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     model, spec = loaded.model, loaded.spec
     assert spec.kind == "reranker" and loaded.origin == "checkpoint"
     assert to_dict(spec.rerank)["fusion_dim"] == 32 and hasattr(model, "score")
+
+    # Distillation the other way. Mining again with --rescore-with scores every group with the trained
+    # reranker (on 2 ranks, each its own groups) ...
+    rescored = tmp_path / "rescored"
+    launch("mine", config, f"mine.output={rescored}", "--rescore-with", str(run))
+    scorer = mmscale.load(run)
+    rescored_groups = list(read_group_shards(str(rescored / "groups")))
+    rescored_records = {json.loads(line)["query_key"]: json.loads(line)
+                        for line in (rescored / "hard_negatives.jsonl").read_text().splitlines()}  # fmt: skip
+    assert len(rescored_groups) == 64
+    assert json.loads((rescored / "summary.json").read_text())["rescored_with"]["step"] == 18
+    for g in rescored_groups[::9]:
+        images = [decode_rgb(data, 10**8) for _, data in [g["positive"], *g["negatives"]]]
+        want = scorer.score(g["query"], images)
+        assert torch.allclose(torch.tensor(g["reranker_scores"]), want, atol=1e-5), g["key"]
+        assert rescored_records[g["query_key"]]["reranker_scores"] == g["reranker_scores"]
+    # ... and a bi-encoder round on those groups distils them (the KL is logged, finite and positive).
+    launch("train", config, f"output_dir={tmp_path / 'distilled'}", f"data.train={rescored / 'groups'}",
+           "data.hard_negatives=3", "loss.distill_weight=1.0", "loss.distill_temperature=2.0",
+           f"model.init_from={tmp_path / 'bi'}", "train.steps=3", "train.global_batch_size=16", "train.chunk_size=8",
+           "train.warmup_steps=0", "train.eval_every=0", "data.val=")  # fmt: skip
+    steps = [r for r in _records(tmp_path / "distilled") if "loss_distill" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(0 < r["loss_distill"] < 100 for r in steps) and all(r["hard_negatives"] == 3 for r in steps)

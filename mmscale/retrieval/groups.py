@@ -33,8 +33,9 @@ import logging
 import math
 import os
 import struct
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,15 @@ def write_group_shards(
     groups_per_shard: int = 1000,
     round_bytes: int = ROUND_BYTES,
     extra_stats: dict[str, Any] | None = None,
+    rescore: Callable[[str, list[bytes]], list[float]] | None = None,
 ) -> dict[str, Any]:
     """Write this rank's `groups` (with their JSONL `records`) as shards under `output` (collective).
 
     `corpus` is the mined corpus (its parts in rank order) and `urls` the shards it was read from
     with the eval loader's split (rank r read shards r, r + W, ...). Groups without negatives are
-    not written. Returns the stats written to `output/stats.json` (on every rank).
+    not written. `rescore(query, [positive bytes, negative bytes...])` (a reranker) scores each
+    written group: its scores go into the sample's json and its record as `reranker_scores`.
+    Returns the stats written to `output/stats.json` (on every rank).
     """
     if groups_per_shard < 1:
         raise ValueError(f"groups_per_shard must be >= 1, got {groups_per_shard}")
@@ -90,18 +94,22 @@ def write_group_shards(
         counts = [int(c) for c in distributed.all_gather_object(len(complete))]
         first_shard = sum(math.ceil(c / groups_per_shard) for c in counts[:rank])
         writer = ShardWriter(out, groups_per_shard, first_shard=first_shard)
+        progress = _Progress(len(complete), rank, "rescored" if rescore else "written")
         with writer, open(scratch, "rb") as images:
             for i in complete:
                 g, record = groups[i], records[i]
                 files = {"txt": record["query"].encode("utf-8")}
-                ext, data = _read(images, index[g.positive_idx])
-                files[f"pos.{ext}"] = data
-                for n, j in enumerate(g.negative_idx):
-                    ext, data = _read(images, index[j])
+                members = [_read(images, index[j]) for j in (g.positive_idx, *g.negative_idx)]
+                files[f"pos.{members[0][0]}"] = members[0][1]
+                for n, (ext, data) in enumerate(members[1:]):
                     files[f"neg{n}.{ext}"] = data
                 meta = {k: record[k] for k in ("query_key", "positive_key", "negative_keys", "positive_score",
                                                "negative_scores")}  # fmt: skip
+                if rescore is not None:
+                    record["reranker_scores"] = meta["reranker_scores"] = [
+                        float(v) for v in rescore(record["query"], [data for _, data in members])]  # fmt: skip
                 writer.write(files, meta)
+                progress.step()
     finally:
         scratch.unlink(missing_ok=True)  # our own scratch file
     shards = [s for part in distributed.all_gather_object(writer.shards) for s in part]
@@ -124,6 +132,20 @@ def write_group_shards(
     if missing:
         log.warning("rank %d: %d groups not written: an image could not be read back from the shards", rank, missing)
     return distributed.broadcast_object(stats)
+
+
+class _Progress:
+    """A log line at every tenth of a rank's groups (rank 0), with the rate: rescoring a corpus takes a while."""
+
+    def __init__(self, total: int, rank: int, verb: str) -> None:
+        self.total, self.rank, self.verb, self.done = total, rank, verb, 0
+        self.start, self.every = time.perf_counter(), max(1, total // 10)
+
+    def step(self) -> None:
+        self.done += 1
+        if self.rank == 0 and (self.done % self.every == 0 or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            log.info("rank 0: %d/%d groups %s (%.1f/s)", self.done, self.total, self.verb, rate)
 
 
 def _read(f, entry: tuple[int, int, str]) -> tuple[str, bytes]:
