@@ -1,21 +1,29 @@
-"""A hard-negative round of the bi-encoder on the icon corpus, against the same extra steps without negatives.
+"""The second stage on the icon corpus: hard-negative and distilled bi-encoder rounds, and the reranker.
 
     python tools/bench_hardneg.py --corpus runs/icons/corpus --output runs/icons/hardneg-bench
-    python tools/bench_hardneg.py ... --round1 runs/icons/biencoder --mined runs/icons/mined   # reuse them
+    python tools/bench_hardneg.py ... --reuse round1=runs/icons/biencoder --reuse mine=runs/icons/mined
     python tools/bench_hardneg.py --memory-only                                                 # memory vs K
 
 Stages, each the command a user runs, through the ``deepspeed`` launcher on ``--ranks`` ranks:
 
-    round1     train launch/configs/icons.yaml                          (skipped with --round1)
-    mine       mmscale mine with round 1: 7 negatives per caption       (skipped with --mined)
+    round1     train launch/configs/icons.yaml
+    mine       mmscale mine with round 1: 7 negatives per caption
     hardneg    train launch/configs/icons-hardneg.yaml from round 1's weights (model.init_from) on the
                mined group shards, K = data.hard_negatives negatives per caption in the contrastive batch
     control    the same config, steps, lr and starting weights on the plain training pairs (K = 0):
                what the extra steps alone give
-    eval       `mmscale eval` of the three on the held-out split (text -> image and image -> text
-               Recall@1/5/10, MRR@10)
+    mine2      mmscale mine with the hard-negative round's bi-encoder (its own, harder negatives)
+    rerank     mmscale rerank on those groups, towers from the hard-negative round (``--rerank`` overrides)
+    rescore    mmscale mine with the same bi-encoder, every group rescored by the reranker (--rescore-with)
+    distill    a third round from the hard-negative round's weights on the rescored groups: hard negatives
+               plus KL towards the reranker's scores over each group (``--distill`` overrides)
+    eval       `mmscale eval` of every bi-encoder on the held-out split (text -> image and image -> text
+               Recall@1/5/10, MRR@10), and ``--reranker`` over the hard-negative and the distilled
+               bi-encoders' top ``rerank.top_k``
 
-``key=value`` overrides go to the hardneg and control runs alike. Writes ``OUT/bench_hardneg.json``
+``--reuse STAGE=PATH`` takes a finished stage's output instead of running it (round1, mine, hardneg,
+mine2, rerank, rescore: a run directory, or a mining output); the JSON records which. ``key=value``
+overrides go to the hardneg, control and distill runs alike. Writes ``OUT/bench_hardneg.json``
 (machine, commands, seconds per stage, every figure) and prints the table.
 
 ``--memory-only``: peak RSS of one cached step on one rank (the tiny model at 128 px, batch 128,
@@ -43,7 +51,9 @@ from mmscale.demo import _env, _launcher  # noqa: E402
 from tools.bench_icons import _machine, _stage  # noqa: E402
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10")
-MODELS = ("round1", "hardneg", "control")
+MODELS = ("round1", "hardneg", "control", "distill")
+REUSABLE = ("round1", "mine", "hardneg", "mine2", "rerank", "rescore")
+RERANKED = ("hardneg", "distill")  # bi-encoders whose candidates the reranker re-ranks
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,50 +62,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train, val = corpus / "train", corpus / "val"
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"bench_hardneg: {out} is not empty; pick a new --output (nothing is replaced)")
+    reuse = parse_reuse(args.reuse)
     env, logs = _env(args.ranks), out / "logs"
-    round1 = Path(args.round1).resolve() if args.round1 else out / "round1"
-    mined = Path(args.mined).resolve() if args.mined else out / "mined"
+    path = {name: reuse.get(name, out / name) for name in REUSABLE}
+    path["control"], path["distill"] = out / "control", out / "distill"
     first = str(REPO / "launch" / "configs" / "icons.yaml")
     second = str(REPO / "launch" / "configs" / "icons-hardneg.yaml")
-    common = [f"data.val={val}", f"model.init_from={round1}", *args.overrides]
     py = [sys.executable, "-m", "mmscale"]
-    commands: dict[str, list[str]] = {}
-    if not args.round1:
-        commands["round1"] = _launcher(args.ranks, ["train", first, f"output_dir={round1}", f"data.train={train}",
-                                                    f"data.val={val}"])  # fmt: skip
-    if not args.mined:
-        commands["mine"] = _launcher(args.ranks, ["mine", first, f"output_dir={round1}", f"mine.checkpoint={round1}",
-                                                  f"mine.output={mined}", f"data.train={train}"])  # fmt: skip
-    commands["hardneg"] = _launcher(args.ranks, ["train", second, f"output_dir={out / 'hardneg'}",
-                                                 f"data.train={mined / 'groups'}", *common])  # fmt: skip
-    commands["control"] = _launcher(args.ranks, ["train", second, f"output_dir={out / 'control'}",
-                                                 f"data.train={train}", "data.hard_negatives=0", *common])  # fmt: skip
-    runs = {"round1": round1, "hardneg": out / "hardneg", "control": out / "control"}
+    k = f"data.hard_negatives={args.hard_negatives}"
+    plan: dict[str, list[str]] = {
+        "round1": ["train", first, f"output_dir={path['round1']}", f"data.train={train}", f"data.val={val}"],
+        "mine": ["mine", first, f"output_dir={path['round1']}", f"mine.checkpoint={path['round1']}",
+                 f"mine.output={path['mine']}", f"data.train={train}"],
+        "hardneg": ["train", second, f"output_dir={path['hardneg']}", f"data.train={path['mine'] / 'groups'}",
+                    f"data.val={val}", f"model.init_from={path['round1']}", k, *args.overrides],
+        "control": ["train", second, f"output_dir={path['control']}", f"data.train={train}", f"data.val={val}",
+                    f"model.init_from={path['round1']}", "data.hard_negatives=0", *args.overrides],
+        "mine2": ["mine", first, f"output_dir={path['hardneg']}", f"mine.checkpoint={path['hardneg']}",
+                  f"mine.output={path['mine2']}", f"data.train={train}"],
+        "rerank": ["rerank", first, f"output_dir={path['rerank']}", f"mine.checkpoint={path['hardneg']}",
+                   f"rerank.mined={path['mine2']}", f"data.train={train}", f"data.val={val}", *args.rerank],
+        "rescore": ["mine", first, f"output_dir={path['hardneg']}", f"mine.checkpoint={path['hardneg']}",
+                    f"mine.output={path['rescore']}", f"data.train={train}", "--rescore-with",
+                    str(path["rerank"] / "rerank")],
+        "distill": ["train", second, f"output_dir={path['distill']}", f"data.train={path['rescore'] / 'groups'}",
+                    f"data.val={val}", f"model.init_from={path['hardneg']}", k, *args.overrides, *args.distill],
+    }  # fmt: skip
+    commands = {name: _launcher(args.ranks, cmd) for name, cmd in plan.items() if name not in reuse}
     for name in MODELS:
-        commands[f"eval_{name}"] = [*py, "eval", str(runs[name]), "--data", str(val),
+        commands[f"eval_{name}"] = [*py, "eval", str(path[name]), "--data", str(val),
                                     "--output", str(out / f"eval_{name}.json")]  # fmt: skip
+    for name in RERANKED:
+        commands[f"eval_{name}_reranked"] = [*py, "eval", str(path[name]), "--data", str(val), "--reranker",
+                                             str(path["rerank"] / "rerank"),
+                                             "--output", str(out / f"eval_{name}_reranked.json")]  # fmt: skip
     started = datetime.datetime.now(datetime.timezone.utc)
     seconds = {name: _stage(name, cmd, env, logs) for name, cmd in commands.items()}
     figures = {name: json.loads((out / f"eval_{name}.json").read_text())["metrics"] for name in MODELS}
-    hardneg_cfg = _read_yaml(out / "hardneg" / "config.yaml")
+    reranked = {name: json.loads((out / f"eval_{name}_reranked.json").read_text())["rerank"] for name in RERANKED}
+    hardneg_cfg = _read_yaml(path["hardneg"] / "config.yaml")
+    distill_cfg = _read_yaml(path["distill"] / "config.yaml")
+    rerank_cfg = _read_yaml(path["rerank"] / "rerank" / "config.yaml")
     result = {
         "date": started.strftime("%Y-%m-%d"),
         "machine": _machine(),
         "corpus": str(corpus),
-        "round1": str(round1),
-        "mined": str(mined),
-        "mined_summary": _mined_summary(mined),
+        "reused": {name: str(p) for name, p in reuse.items()},
+        "mined_summary": _mined_summary(path["mine"]),
+        "mined2_summary": _mined_summary(path["mine2"]),
         "hard_negatives": hardneg_cfg["data"]["hard_negatives"],
         "steps": hardneg_cfg["train"]["steps"],
         "lr": hardneg_cfg["train"]["lr"],
+        "distill": {k: distill_cfg["loss"][k] for k in ("distill_weight", "distill_temperature")},
+        "rerank": {k: rerank_cfg["rerank"][k] for k in ("freeze_towers", "steps", "lr", "group_size", "top_k")},
         "overrides": args.overrides,
         "commands": {k: " ".join(v) for k, v in commands.items()},
+        "planned": {k: " ".join(v) for k, v in plan.items()},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "queries": int(figures["round1"].get("samples", 0)),
         "metrics": figures,
+        "reranked": reranked,
     }
     (out / "bench_hardneg.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def parse_reuse(items: list[str]) -> dict[str, Path]:
+    """--reuse STAGE=PATH pairs; a stage may be reused only with every stage it builds on."""
+    reuse: dict[str, Path] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in REUSABLE:
+            raise SystemExit(f"bench_hardneg: --reuse {item!r}: expected STAGE=PATH with STAGE one of {', '.join(REUSABLE)}")
+        p = Path(value).resolve()
+        if not p.exists():
+            raise SystemExit(f"bench_hardneg: --reuse {item!r}: {p} does not exist")
+        reuse[name] = p
+    for later, earlier in (("mine", "round1"), ("hardneg", "mine"), ("mine2", "hardneg"), ("rerank", "mine2"),
+                           ("rescore", "rerank")):  # fmt: skip
+        if later in reuse and earlier not in reuse:
+            raise SystemExit(f"bench_hardneg: --reuse {later}=... needs --reuse {earlier}=... (the run it was made from)")
+    return reuse
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -113,14 +160,18 @@ def _mined_summary(mined: Path) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The three bi-encoders both ways as a fixed-width table."""
+    """The bi-encoders both ways, and the re-ranked text -> image figures, as a fixed-width table."""
     labels = {"round1": "round 1 (icons.yaml)", "hardneg": f"round 2, K={result['hard_negatives']} hard negatives",
-              "control": "round 2 steps without negatives"}  # fmt: skip
-    lines = [f"held-out: {result['queries']} captions and images; round 2: {result['steps']} steps at lr {result['lr']}",
-             f"{'':<36}" + "".join(f"{d}_{m:>9}" for d in ("t2i", "i2t") for m in METRICS)]  # fmt: skip
+              "control": "round 2 steps without negatives", "distill": "round 3, distilled from the reranker"}
+    lines = [f"held-out: {result['queries']} captions and images; rounds 2-3: {result['steps']} steps at lr {result['lr']}",
+             f"{'':<40}" + "".join(f"{d}_{m:>9}" for d in ("t2i", "i2t") for m in METRICS)]  # fmt: skip
     for name in MODELS:
         row = result["metrics"][name]
-        lines.append(f"{labels[name]:<36}" + "".join(f"{row[f'{d}_{m}']:>13.3f}" for d in ("t2i", "i2t") for m in METRICS))
+        lines.append(f"{labels[name]:<40}" + "".join(f"{row[f'{d}_{m}']:>13.3f}" for d in ("t2i", "i2t") for m in METRICS))
+    for name in RERANKED:
+        row = result["reranked"][name]["reranked"]
+        label = f"{labels[name].split(',')[0]} re-ranked (top {result['rerank']['top_k']})"
+        lines.append(f"{label:<40}" + "".join(f"{row[m]:>13.3f}" for m in METRICS))
     lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
     return "\n".join(lines)
 
@@ -192,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--corpus", default="runs/icons/corpus", help="output of make_icon_corpus.py (default %(default)s)")
     p.add_argument("--output", default="runs/icons/hardneg-bench", help="a new or empty directory (default %(default)s)")
-    p.add_argument("--round1", default="", help="a finished round-1 run (launch/configs/icons.yaml) to start from")
-    p.add_argument("--mined", default="", help="`mmscale mine` output of that round 1 (its groups/ are used)")
+    p.add_argument("--reuse", action="append", default=[], metavar="STAGE=PATH",
+                   help=f"a finished stage's output instead of running it ({', '.join(REUSABLE)})")
+    p.add_argument("--hard-negatives", type=int, default=3, help="K of the hard-negative and distilled rounds")
+    p.add_argument("--rerank", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the rerank stage")
+    p.add_argument("--distill", nargs="*", default=["loss.distill_weight=1.0"], metavar="KEY=VALUE",
+                   help="overrides of the distilled round (default %(default)s)")
     p.add_argument("--ranks", type=int, default=2, help="ranks of every launched stage (default %(default)s)")
     p.add_argument("--memory-only", action="store_true", help="only peak memory of a cached step vs K")
     p.add_argument("--_memory-child", nargs=2, metavar=("K", "PORT"), help=argparse.SUPPRESS)
@@ -209,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         target.write_text(json.dumps({"machine": _machine(), "results": results}, indent=2) + "\n")
         print(f"wrote {target}")
         return 0
-    if bool(args.round1) != bool(args.mined) and args.mined:
-        raise SystemExit("bench_hardneg: --mined needs the --round1 it was mined with")
     result = run(args)
     print(table(result))
     print(f"wrote {Path(args.output) / 'bench_hardneg.json'}")
