@@ -106,6 +106,20 @@ def test_one_recall_for_one_model_across_both_sections_with_exact_ties():
     assert section["reranked"]["recall@1"] == 1.0
 
 
+def _uneven_batches(rank: int, size: int = 4):
+    """Rank 0 holds samples 0-9, rank 1 only 10 and 11 (one validation shard much larger than the other)."""
+    part = list(range(10)) if rank == 0 else [10, 11]
+    for start in range(0, len(part), size):
+        rows = part[start : start + size]
+        yield {
+            "image": torch.tensor(rows, dtype=torch.float).view(-1, 1),
+            "input_ids": torch.tensor(rows).view(-1, 1),
+            "attention_mask": torch.ones(len(rows), 1, dtype=torch.long),
+            "key": [f"k{i}" for i in rows],
+            "text": [f"t{i}" for i in rows],
+        }
+
+
 def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
     import json
 
@@ -118,9 +132,14 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
         ShiftedBiEncoder(12), OracleReranker(), _rank_batches(rank, world, 12 - rank), tokenizer=_tokenizer,
         max_length=1, top_k=3, ks=(1, 2, 5), batch_size=4,
     )  # fmt: skip
+    # Rank 1 runs out of queries two rounds before rank 0 and still joins their exchanges.
+    uneven = evaluate_rerank(
+        ShiftedBiEncoder(12), OracleReranker(), _uneven_batches(rank), tokenizer=_tokenizer, max_length=1,
+        top_k=3, ks=(1, 2, 5), batch_size=4,
+    )  # fmt: skip
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(results, f)
+            json.dump({"results": results, "uneven": uneven}, f)
     # gloo aborts a process whose peer tore the group down first ("terminate called without an
     # active exception"): leave together.
     dist.barrier()
@@ -153,4 +172,10 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
     assert single["reranked"]["recall@1"] == 1.0 and single["queries"] == 11
     out = tmp_path / "two.json"
     mp.spawn(_two_rank_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(single))
+    got = json.loads(out.read_text())
+    assert got["results"] == json.loads(json.dumps(single))
+    whole = evaluate_rerank(
+        ShiftedBiEncoder(12), OracleReranker(), _rank_batches(0, 1, 12, size=4), tokenizer=_tokenizer, max_length=1,
+        top_k=3, ks=(1, 2, 5), batch_size=4,
+    )  # fmt: skip
+    assert got["uneven"] == json.loads(json.dumps(whole))

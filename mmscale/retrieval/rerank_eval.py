@@ -85,7 +85,9 @@ def rerank_metrics(
     head_hits, head_first = [], []
     rounds = int(distributed.all_reduce_max(math.ceil(len(enc) / batch_size)))
     for r in range(rounds):  # every rank joins every round's exchange, with or without queries left
-        queries = torch.arange(r * batch_size, min((r + 1) * batch_size, len(enc)), device=found.indices.device)
+        # A rank whose queries ran out takes an empty round (its shards held fewer samples).
+        queries = torch.arange(min(r * batch_size, len(enc)), min((r + 1) * batch_size, len(enc)),
+                               device=found.indices.device)  # fmt: skip
         cand = found.indices[queries, :rk]  # [b, rk] global indices
         needed, where = torch.unique(cand.flatten(), return_inverse=True)
         pixels = corpus.fetch_rows(enc.pixels if enc.pixels is not None else torch.empty(0), needed)
