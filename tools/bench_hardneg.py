@@ -2,6 +2,9 @@
 
     python tools/bench_hardneg.py --corpus runs/icons/corpus --output runs/icons/hardneg-bench
     python tools/bench_hardneg.py ... --reuse round1=runs/icons/biencoder --reuse mine=runs/icons/mined
+    python tools/bench_hardneg.py --corpus runs/demo/data --first-config launch/configs/demo.yaml \
+        --second-config launch/configs/demo-hardneg.yaml --reuse round1=runs/demo/biencoder \
+        --reuse mine=runs/demo/mined --output runs/demo/second-stage      # after `make demo`
     python tools/bench_hardneg.py --memory-only                                                 # memory vs K
 
 Stages, each the command a user runs, through the ``deepspeed`` launcher on ``--ranks`` ranks:
@@ -66,8 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env, logs = _env(args.ranks), out / "logs"
     path = {name: reuse.get(name, out / name) for name in REUSABLE}
     path["control"], path["distill"] = out / "control", out / "distill"
-    first = str(REPO / "launch" / "configs" / "icons.yaml")
-    second = str(REPO / "launch" / "configs" / "icons-hardneg.yaml")
+    first, second = str(Path(args.first_config).resolve()), str(Path(args.second_config).resolve())
     py = [sys.executable, "-m", "mmscale"]
     k = f"data.hard_negatives={args.hard_negatives}"
     plan: dict[str, list[str]] = {
@@ -243,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--corpus", default="runs/icons/corpus", help="output of make_icon_corpus.py (default %(default)s)")
     p.add_argument("--output", default="runs/icons/hardneg-bench", help="a new or empty directory (default %(default)s)")
+    p.add_argument("--first-config", default=str(REPO / "launch" / "configs" / "icons.yaml"),
+                   help="config of round 1, mining and the reranker (default %(default)s)")
+    p.add_argument("--second-config", default=str(REPO / "launch" / "configs" / "icons-hardneg.yaml"),
+                   help="config of the hard-negative, control and distilled rounds (default %(default)s; "
+                        "launch/configs/demo-hardneg.yaml for the demo data)")
     p.add_argument("--reuse", action="append", default=[], metavar="STAGE=PATH",
                    help=f"a finished stage's output instead of running it ({', '.join(REUSABLE)})")
     p.add_argument("--hard-negatives", type=int, default=3, help="K of the hard-negative and distilled rounds")
