@@ -1,4 +1,4 @@
-"""The `mmscale` command: train, mine, rerank, eval, encode, export, demo, check.
+"""The `mmscale` command: train, mine, rerank, eval, encode, export, demo, check, plan.
 
 Each subcommand parses its arguments, loads and validates the config, and runs the preflight
 checks (data, model names, checkpoints: mmscale/preflight.py) before any rank builds anything,
@@ -69,6 +69,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     batch = cfg.rerank.global_batch_size // args.world_size if args.stage == "rerank" else cfg.per_rank_batch_size
     print(f"config OK for world size {args.world_size} ({args.stage}): per-rank batch {batch}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mmscale.plan import run_plan_cli
+
+    return run_plan_cli(args) or 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -161,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=("train", "mine", "rerank"), default="train", help="the command to check for")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("plan", help="predict per-rank GPU memory, host memory and traffic on a cluster; "
+                                     "say what to change when it does not fit (no weights read, nothing started)")
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, required=True, help="nodes of the cluster")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
+    p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GB, 141GiB (GB read as GiB)")
+    p.add_argument("--json", default="", metavar="PATH", help="also write the plan as JSON here")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("train", help="train the dual encoder")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
@@ -225,7 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mmscale` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds the overrides to the positionals before the first flag; `plan`'s flags usually
+    # come between the config and its overrides, so the later key=value ones are taken here.
+    if extra and getattr(args, "command", "") == "plan" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     debug = args.debug or os.environ.get("MMSCALE_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 IMAGE_SIZE, TEXT_LEN, EMBED_DIM = 64, 32, 256
 
+from tools import measure  # noqa: E402
+from tools.measure import matmul_peak_gflops, open_clip_twin, table  # noqa: E402
 
 # --------------------------------------------------------------------------- helpers
 
@@ -67,33 +69,6 @@ def single_rank_env(port: int) -> None:
     """A one-rank process group so the DeepSpeed engine and the gather run their real code paths."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                       LOCAL_WORLD_SIZE="1")
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    """Print a fixed-width table."""
-    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for i, r in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def matmul_peak_gflops(threads: int, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 8) -> float:
-    """Best fp32 matmul throughput over n x n products of a few sizes, GFLOP/s (neighbours only lower it)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 # --------------------------------------------------------------------------- memory (child process)
@@ -176,62 +151,6 @@ GRADMEM_OVERRIDES = ["model.text.config.hidden_size=384", "model.text.config.num
 GRADMEM_BUCKET = 5_000_000  # elements; DeepSpeed's ZeRO buckets (2e8-5e8 by default) would hide the gradients
 
 
-def _tensors_in(obj, found: list, depth: int = 0, seen: set | None = None) -> None:
-    """Every tensor reachable from `obj` through attributes, dicts, lists and tuples (a few levels deep)."""
-    import torch
-
-    seen = set() if seen is None else seen
-    if id(obj) in seen or depth > 4:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        found.append(obj)
-        if obj.grad is not None:
-            found.append(obj.grad)
-        return
-    if isinstance(obj, (torch.nn.Module, type)) or callable(obj) and not hasattr(obj, "__dict__"):
-        return
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple)):
-        items = list(obj)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith("deepspeed"):
-        items = list(vars(obj).values())
-    else:
-        return
-    for item in items:
-        _tensors_in(item, found, depth + 1, seen)
-
-
-def gradient_bytes(engine) -> int:
-    """Bytes of gradient storage a rank holds now: `param.grad` of every parameter plus every tensor the
-    DeepSpeed optimizer keeps that is neither a parameter, an fp32 master nor an optimizer state
-    (its gradient partitions, reduction buckets, and the masters' `.grad`)."""
-    import torch
-
-    def storages(tensors) -> dict[int, int]:
-        out = {}
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.numel():
-                out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return out
-
-    module_params = list(engine.module.parameters())
-    weights = [p.data for p in module_params] + [p.ds_tensor for p in module_params if hasattr(p, "ds_tensor")]
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in inner.param_groups:
-        weights.extend(group["params"])
-    for state in inner.state.values():
-        weights.extend(v for v in state.values() if isinstance(v, torch.Tensor))
-    held: list = []
-    _tensors_in(engine.optimizer, held)
-    grads = [p.grad for p in module_params if p.grad is not None]
-    grads += [t.grad for t in held if isinstance(t, torch.Tensor) and t.grad is not None]
-    exclude = storages(weights)
-    candidates = storages(grads) | storages(held)
-    return sum(n for ptr, n in candidates.items() if ptr not in exclude)
-
-
 def gradmem_rank(rank: int, world: int, port: int, stage: int, mode: str, out: str) -> None:
     """One rank's cached step: the gradient bytes it holds after each pass-2 backward (peak and list)."""
     import torch
@@ -243,7 +162,6 @@ def gradmem_rank(rank: int, world: int, port: int, stage: int, mode: str, out: s
     from mmscale.losses import build_loss
     from mmscale.models import build_dual_encoder
     from mmscale.train.engine import build_ds_config, build_engine
-    from mmscale.train.gradcache import train_step
 
     cfg = load_config(ROOT / "launch/configs/tiny.yaml", [*GRADMEM_OVERRIDES, f"train.zero_stage={stage}",
                                                          f"train.grad_reduction={mode}"])
@@ -260,59 +178,15 @@ def gradmem_rank(rank: int, world: int, port: int, stage: int, mode: str, out: s
     batch = {"pixel_values": torch.randint(0, 256, (per_rank, 3, 32, 32), dtype=torch.uint8, generator=g),
              "input_ids": torch.randint(1000, 20000, (per_rank, 16), generator=g),
              "attention_mask": torch.ones(per_rank, 16, dtype=torch.long)}
-    loss_fn = build_loss(cfg.loss)
-    peaks: list[float] = []
-    backward = engine.backward
-
-    def measured_backward(*args, **kwargs):
-        out = backward(*args, **kwargs)
-        peaks.append(gradient_bytes(engine) / 2**20)
-        return out
-
-    traffic = {"calls": 0, "mb": 0.0}
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    # Gradient reductions only (what grad_reduction changes); ZeRO-3's parameter all-gathers are the
-    # same in both modes.
-    names = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "_reduce_scatter_base", "reduce",
-             "all_to_all_single", "all_reduce_coalesced")
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
-
-    def counting(fn):
-        def wrapped(*args, **kwargs):
-            flat = []
-            for a in (*args, *kwargs.values()):
-                flat.extend(a if isinstance(a, (list, tuple)) else [a])
-            sizes = [t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor)]
-            traffic["calls"] += 1
-            traffic["mb"] += max(max(sizes, default=0), sum(sizes) // 2 if len(sizes) > 2 else 0) / 2**20
-            return fn(*args, **kwargs)
-        return wrapped
-
-    for _ in range(2):  # the second step: ZeRO's lazily made buffers exist, as in every later step
-        peaks.clear()
-        traffic.update(calls=0, mb=0.0)
-        engine.backward = measured_backward
-        for name, fn in originals.items():
-            setattr(dist, name, counting(fn))
-        # DeepSpeed's comm backend keeps its own reference to reduce_scatter_tensor (ZeRO-3's path).
-        cdb = deepspeed.comm.comm.cdb
-        scatter = cdb.reduce_scatter_function
-        cdb.reduce_scatter_function = counting(scatter)
-        train_step(engine, batch, loss_fn, cfg.train.chunk_size, grad_reduction=mode)
-        cdb.reduce_scatter_function = scatter
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-        engine.backward = backward
-        after = gradient_bytes(engine) / 2**20  # what the optimizer step reads
-        engine.step()
+    r = measure.measure_cached_step(engine, batch, build_loss(cfg.loss), cfg.train.chunk_size, mode)
     if rank == 0:
-        Path(out).write_text(json.dumps({"stage": stage, "mode": mode, "world": world, "params": params,
-                                         "fp32_grad_mb": params * 4 / 2**20, "peak_step_mb": max(peaks),
-                                         "after_each_backward_mb": peaks, "after_reduction_mb": after,
-                                         "collectives": traffic["calls"], "communicated_mb": traffic["mb"],
-                                         "chunks": per_rank // cfg.train.chunk_size}))
+        mb = 2**20
+        Path(out).write_text(json.dumps({
+            "stage": stage, "mode": mode, "world": world, "params": params, "fp32_grad_mb": params * 4 / mb,
+            "peak_step_mb": r["peak_gradient"] / mb, "after_each_backward_mb": [b / mb for b in r["after_each_backward"]],
+            "after_reduction_mb": r["after_reduction"] / mb, "collectives": r["grad_reduce_calls"],
+            "communicated_mb": r["grad_reduce"] / mb, "chunks": per_rank // cfg.train.chunk_size,
+            "all_collectives": r["collectives"]}))
 
 
 def run_gradmem(threads: int) -> list[dict]:
@@ -368,23 +242,12 @@ def mmscale_engine(port: int, zero_stage: int = 2, *overrides: str):
     return cfg, engine
 
 
-def open_clip_model():
+def open_clip_model(model_cfg):
     """The same architecture built by open_clip (timm trunk resized to 64 px, HF MiniLM from a local path)."""
-    import open_clip
     import torch
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    path = minilm_path()
     torch.manual_seed(0)
-    model = open_clip.model.CustomTextCLIP(
-        embed_dim=EMBED_DIM,
-        vision_cfg=CLIPVisionCfg(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="",
-                                 timm_proj="linear", image_size=IMAGE_SIZE),
-        text_cfg=CLIPTextCfg(hf_model_name=path, hf_tokenizer_name=path, hf_model_pretrained=True,
-                             hf_proj_type="linear", hf_pooler_type="mean_pooler", context_length=TEXT_LEN),
-        output_dict=True,
-    )
-    model.visual.set_input_size(IMAGE_SIZE)  # open_clip 3.3 ignores image_size for timm towers
+    model = open_clip_twin(model_cfg, minilm_path(), pretrained_text=True)
     model.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, optimizer
@@ -460,37 +323,11 @@ def mmscale_encode(engine, batch: dict, chunk: int, group_by_length: bool = True
 
 
 def open_clip_step(model, optimizer, batch: dict, accum_freq: int = 1) -> dict:
-    """open_clip's training step: plain, or its `accum_freq` algorithm (open_clip_train/train.py) on micro-batches."""
-    import torch
-    from open_clip.loss import ClipLoss
-
-    loss = ClipLoss()
-    images, texts = batch["pixel_values"], batch["input_ids"]
+    """open_clip's training step (tools/measure.py) with the exact full-batch scale gradient beside its own."""
     log_scale = model.logit_scale.item()
-    t, cpu = time.perf_counter(), time.process_time()
-    optimizer.zero_grad()
-    if accum_freq == 1:
-        out = model(images, texts)
-        loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
-        cached_image, cached_text = out["image_features"].detach(), out["text_features"].detach()
-    else:
-        # As open_clip_train: cache every micro-batch's features without grad, then for each micro-batch
-        # re-encode it with grad, splice it into the cached features and backpropagate the FULL loss.
-        micro_images, micro_texts = images.chunk(accum_freq), texts.chunk(accum_freq)
-        with torch.no_grad():
-            feats = [model(i, x) for i, x in zip(micro_images, micro_texts)]
-        acc_image = [f["image_features"] for f in feats]
-        acc_text = [f["text_features"] for f in feats]
-        for j in range(accum_freq):
-            out = model(micro_images[j], micro_texts[j])
-            image = torch.cat(acc_image[:j] + [out["image_features"]] + acc_image[j + 1:])
-            text = torch.cat(acc_text[:j] + [out["text_features"]] + acc_text[j + 1:])
-            loss(image, text, out["logit_scale"]).backward()
-        cached_image, cached_text = torch.cat(acc_image), torch.cat(acc_text)
-    grad = model.logit_scale.grad.item()
-    optimizer.step()
-    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu, "scale_grad": grad,
-            "scale_grad_exact": exact_scale_grad(cached_image, cached_text, log_scale, max_log_scale=math.inf)}
+    r = measure.open_clip_step(model, optimizer, batch, accum_freq)
+    r["scale_grad_exact"] = exact_scale_grad(r.pop("image"), r.pop("text"), log_scale, max_log_scale=math.inf)
+    return r
 
 
 def interleaved(steps: dict, repeats: int) -> tuple[dict, dict]:
@@ -520,14 +357,7 @@ def paired_ratio(runs: dict, a: str, b: str) -> float:
 
 def forward_flops_per_sample(engine) -> float:
     """Forward FLOPs of one (image, text) pair, counted by torch's FlopCounterMode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    batch = make_batch(4, seed=9)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        engine.module(**batch)
-    return counter.get_total_flops() / 4
+    return measure.forward_flops(engine.module, **make_batch(4, seed=9)) / 4
 
 
 # --------------------------------------------------------------------------- main
@@ -614,7 +444,7 @@ def main() -> None:
     report["zero_stage"] = args.zero_stage
     cfg, engine = mmscale_engine(29590, args.zero_stage)
     loss_fn = build_loss(cfg.loss)
-    oc_model, oc_opt = open_clip_model()
+    oc_model, oc_opt = open_clip_model(cfg.model)
     fwd = forward_flops_per_sample(engine)
     report["forward_gflop_per_sample"] = fwd / 1e9
     warm = make_batch(32, seed=1)
