@@ -109,11 +109,14 @@ def build_train_loader(
     max_length: int,
     pin_memory: bool = False,
     counts_cache: str | os.PathLike | None = None,
+    codec: Any = None,
 ) -> StreamingLoader:
     """The training loader of one rank (`data.mode`: epoch = each sample once per epoch, resampled = endless).
 
     Shard sample counts are found once (rank 0 of the process group, when there is one, and
     broadcast) and kept in `counts_cache` when given; `pin_memory` pins batches (for CUDA).
+    `codec` reads samples of another shape (data.vlm.VlmCodec: `preprocess`, `tokenizer` and
+    `max_length` are then unused).
     """
     if batch_size < 1:
         raise ValueError(f"per-rank batch_size must be >= 1, got {batch_size}")
@@ -148,6 +151,7 @@ def build_train_loader(
         retry_delay=data_cfg.shard_retry_delay,
         # A round is about one pass of this worker's share of the shards: resuming replays at most that.
         round_shards=max(MIN_ROUND_SHARDS, math.ceil(len(urls) / (world_size * streams))),
+        codec=codec,
     )
     loader = StreamingLoader(
         spec,
@@ -179,6 +183,7 @@ def build_eval_loader(
     shard_retries: int = 3,
     shard_retry_delay: float = 0.5,
     pin_memory: bool = False,
+    codec: Any = None,
 ) -> StreamingLoader:
     """A deterministic evaluation loader: no shuffle, no drop, each sample once across ranks.
 
@@ -211,6 +216,7 @@ def build_eval_loader(
         max_pixels=max_pixels,
         shard_retries=shard_retries,
         retry_delay=shard_retry_delay,
+        codec=codec,
     )
     if eval_splits_by_sample(len(spec.all_urls), world_size):
         _say_once(f"eval: {len(spec.all_urls)} shards for {world_size} ranks: every rank reads them all and "

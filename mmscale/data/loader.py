@@ -56,8 +56,14 @@ def _public(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in _META}
 
 
-def _records(batch: dict) -> list[tuple]:
-    """Split a worker batch into per-sample records (image, ids, mask, key, text, worker, pos)."""
+def _records(batch: dict, codec: Any = None) -> list[tuple]:
+    """Split a worker batch into per-sample records (image, ids, mask, key, text, worker, pos).
+
+    With a sample codec (`StreamSpec.codec`, e.g. data.vlm's) the first field is the codec's item.
+    """
+    if codec is not None:
+        return [(item, None, None, batch["key"][i], batch["text"][i], batch["_worker"], batch["_pos"][i])
+                for i, item in enumerate(codec.split(batch))]
     return [
         (batch["image"][i], batch["input_ids"][i], batch["attention_mask"][i], batch["key"][i], batch["text"][i],
          batch["_worker"], batch["_pos"][i])
@@ -323,6 +329,9 @@ class StreamingLoader:
         return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory, **kwargs)
 
     def _stack(self, records: list[tuple]) -> dict:
+        if self.spec.codec is not None:
+            return {**self.spec.codec.collate([r[0] for r in records]), "key": [r[3] for r in records],
+                    "text": [r[4] for r in records]}
         image = torch.stack([r[0] for r in records])
         return {
             "image": image.pin_memory() if self.pin_memory else image,
@@ -397,14 +406,14 @@ class StreamingLoader:
             for w in list(progress["pool"]):  # after a resume: the tails that were waiting, as they were
                 batch = batches.next(w)
                 self._take(w, batch)
-                pool.extend(_records(batch))
+                pool.extend(_records(batch, self.spec.codec))
             while progress["active"] and (target is None or self.batches_done < target):
                 w = progress["active"][progress["turn"]]
                 batch = batches.next(w)
                 self._take(w, batch)
                 if not batch["_last"]:
                     if fresh and w == 0 and first is None:
-                        first = _records(batch)
+                        first = _records(batch, self.spec.codec)
                     progress["turn"] = (progress["turn"] + 1) % len(progress["active"])
                     self.batches_done += 1
                     yield _public(batch)
@@ -413,7 +422,7 @@ class StreamingLoader:
                 if progress["turn"] >= len(progress["active"]):
                     progress["turn"] = 0
                 if batch["key"]:
-                    pool.extend(_records(batch))
+                    pool.extend(_records(batch, self.spec.codec))
                     progress["pool"].append(w)
                 else:
                     workers[w]["done"] = True
@@ -460,7 +469,7 @@ class StreamingLoader:
         out: list[tuple] = []
         for worker in range(self.spec.workers):
             for batch in self.dataset.iter_worker(worker):
-                out.extend(_records(batch))
+                out.extend(_records(batch, self.spec.codec))
                 if len(out) >= self.spec.batch_size:
                     return out[: self.spec.batch_size]
         if not out:

@@ -80,6 +80,7 @@ class StreamSpec:
     retry_delay: float = 0.5
     round_shards: int = 8  # resampled mode: shards drawn per round (the shuffle buffer drains at round ends)
     all_urls: list[str] = field(default_factory=list)
+    codec: Any = None  # decodes and collates samples of another shape (data.vlm.VlmCodec); None: image + caption
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -209,6 +210,8 @@ class SampleStream(IterableDataset):
     def decode(self, sample: dict, crop_seed: str) -> tuple[torch.Tensor, str]:
         """Raw sample -> (uint8 [3, S, S] image, caption); raises BadSample."""
         spec = self.spec
+        if spec.codec is not None:
+            return spec.codec.decode(sample)
         text = decoding.caption(sample, spec.text_key)
         image = decoding.decode_rgb(decoding.image_bytes(sample, spec.image_keys), spec.max_pixels)
         if spec.train:
@@ -224,18 +227,12 @@ class SampleStream(IterableDataset):
                 state: dict | None = None) -> dict:
         """Stack decoded samples into a batch dict (uint8 images), with the bookkeeping the main process needs."""
         spec = self.spec
-        size = spec.preprocess.size
-        if items:
-            images = _empty_for_transfer((len(items), 3, size, size), torch.uint8)
-            torch.stack([it[0] for it in items], out=images)
-            ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
+        if spec.codec is not None:
+            fields = spec.codec.collate([it[0] for it in items])
         else:
-            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
-            ids = mask = torch.empty(0, spec.max_length, dtype=torch.long)
+            fields = self._collate_images(items)
         return {
-            "image": images,
-            "input_ids": ids,
-            "attention_mask": mask,
+            **fields,
             "key": [it[2] for it in items],
             "text": [it[1] for it in items],
             "_worker": worker,
@@ -245,6 +242,18 @@ class SampleStream(IterableDataset):
             "_notes": issues.take_notes(),
             "_last": last,
         }
+
+    def _collate_images(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        size = spec.preprocess.size
+        if items:
+            images = _empty_for_transfer((len(items), 3, size, size), torch.uint8)
+            torch.stack([it[0] for it in items], out=images)
+            ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
+        else:
+            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
+            ids = mask = torch.empty(0, spec.max_length, dtype=torch.long)
+        return {"image": images, "input_ids": ids, "attention_mask": mask}
 
     # -- the stream ----------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
