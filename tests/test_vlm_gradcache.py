@@ -149,9 +149,10 @@ def _rank_worker(rank: int, port: int, out_dir: str, root: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
+    from mmscale.data.vlm import plan_batch
     from mmscale.losses import build_loss
     from mmscale.train.engine import build_ds_config, build_engine
-    from mmscale.train.vlm_step import plan_batch, vlm_gradcache_step, vlm_plain_step
+    from mmscale.train.vlm_step import vlm_gradcache_step, vlm_plain_step
 
     deepspeed.init_distributed(dist_backend="gloo")
     for name in CASES:

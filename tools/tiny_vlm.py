@@ -149,3 +149,52 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def write_pair_shards(output: str | Path, n: int = 32, samples_per_shard: int = 8, seed: int = 0,
+                      layouts: tuple[str, ...] = ("classic", "image_doc", "image_text_doc", "text_doc")) -> Path:
+    """WebDataset shards of n (query, document) samples cycling through the declared layouts (mmscale.data.vlm).
+
+    classic: KEY.txt + KEY.png; image_doc: query.txt + doc.png; image_text_doc: query.txt + doc.png +
+    doc.txt; text_doc: query.txt + doc.txt; image_query: query.png + doc.txt. Images are random blocks
+    of colour of varying size and aspect ratio; captions name their colours, so they are learnable.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmscale.data.writer import ShardWriter, write_stats
+
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
+               "black": (10, 10, 10), "white": (240, 240, 240)}
+    names = list(colours)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(out, samples_per_shard) as writer:
+        for i in range(n):
+            a, b = rng.choice(len(names), 2, replace=False)
+            h, w = int(rng.integers(24, 96)), int(rng.integers(24, 96))
+            pixels = np.zeros((h, w, 3), dtype=np.uint8)
+            pixels[:, : w // 2], pixels[:, w // 2:] = colours[names[a]], colours[names[b]]
+            pixels = np.clip(pixels.astype(int) + rng.integers(-20, 20, pixels.shape), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            caption = f"a picture of {names[a]} and {names[b]}".encode()
+            layout = layouts[i % len(layouts)]
+            if layout == "classic":
+                files = {"txt": caption, "png": buf.getvalue()}
+            elif layout == "image_doc":
+                files = {"query.txt": caption, "doc.png": buf.getvalue()}
+            elif layout == "image_text_doc":
+                files = {"query.txt": caption, "doc.png": buf.getvalue(), "doc.txt": b"a page"}
+            elif layout == "text_doc":
+                files = {"query.txt": caption, "doc.txt": f"{names[a]} left, {names[b]} right".encode()}
+            elif layout == "image_query":
+                files = {"query.png": buf.getvalue(), "doc.txt": caption}
+            else:
+                raise ValueError(f"unknown layout {layout!r}")
+            writer.write(files, {"i": i, "layout": layout})
+    write_stats(out, writer.shards)
+    return out

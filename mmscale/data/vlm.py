@@ -26,6 +26,10 @@ worker hands it over through shared memory in one piece:
     input_ids [T] long, positions [3, T] long, seq_lens [B*G] long      the tokens, concatenated
     patches [P, 3, p, p] uint8, grids [I, 3] long, image_seqs [I] long  the images, in sequence order
     negative_mask [B, K] bool, scores [B, 1 + K] float                  with K > 0 only (groups)
+
+A model forward takes a *chunk* of a batch's sequences, right-padded to its longest (`VlmChunks`);
+`plan_batch` decides which sequences share a chunk (by token budget) and, across ranks, how many
+forwards there are and which of them run the vision encoder (see mmscale/train/vlm_step.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
+from mmscale import distributed
 from mmscale.config import VlmPreprocess
 from mmscale.data import decode as decoding
 
@@ -318,7 +323,7 @@ class VlmCodec:
 
     def decode(self, sample: dict) -> tuple[dict[str, Any], str]:
         """Raw sample -> (its sequences and group fields, the query text for logging); raises BadSample."""
-        if "pos." + self.image_keys[0] in sample or any(k.startswith("pos.") for k in sample):
+        if any(k.startswith("pos.") for k in sample):
             return self._decode_group(sample)
         if any(k.startswith(("query.", "doc.")) for k in sample):
             query, query_text = self._side(sample, "query", QUERY)
@@ -379,4 +384,133 @@ class VlmCodec:
         return self.collate([])
 
 
-MODEL_INPUT_KEYS = ("input_ids", "positions", "seq_lens", "patches", "grids", "image_seqs")
+# --------------------------------------------------------------------------- chunks (host)
+
+
+def plan_token_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int) -> list[list[int]]:
+    """Sequence indices per chunk: longest first; rows x longest <= chunk_tokens (or chunk_size rows when 0)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks:
+            current = chunks[-1]
+            longest = lengths[current[0]]  # sorted: the chunk's first sequence is its longest
+            fits = (len(current) + 1) * longest <= chunk_tokens if chunk_tokens else len(current) < chunk_size
+            if fits:
+                current.append(i)
+                continue
+        chunks.append([i])
+    return chunks
+
+
+@dataclass
+class ChunkPlan:
+    """This rank's chunks (sequence indices) and what every rank agreed: how many forwards, which run vision."""
+
+    chunks: list[list[int]]
+    n_chunks: int
+    vision: list[bool]
+
+    def rows(self, i: int) -> list[int]:
+        """Chunk i's real sequences on this rank (none for a dummy forward)."""
+        return self.chunks[i] if i < len(self.chunks) else []
+
+
+def agree_on_chunks(chunks: list[list[int]], has_image: list[bool], max_chunks: int) -> ChunkPlan:
+    """Every rank's chunk count and vision flags, maxed over ranks in one collective (a no-op on one process)."""
+    if len(chunks) > max_chunks:
+        raise ValueError(f"{len(chunks)} chunks exceed the {max_chunks} the agreement has room for")
+    local = [len(chunks)] + [int(any(has_image[s] for s in c)) for c in chunks] + [0] * (max_chunks - len(chunks))
+    if distributed.is_initialized() and distributed.get_world_size() > 1:
+        flags = torch.tensor(local, dtype=torch.long, device=distributed.comm_device())
+        local = distributed.all_reduce_tensor(flags, "max").tolist()
+    n = int(local[0])
+    return ChunkPlan(chunks, n, [bool(v) for v in local[1:1 + n]])
+
+
+class VlmChunks:
+    """A batch's sequences padded into chunk tensors on the host, moved to the device one chunk at a time.
+
+    Rows are right-padded to the chunk's longest sequence; dummy rows (see the module docstring) come
+    after the real ones. `real(i)` is how many rows of chunk i are real.
+    """
+
+    def __init__(self, batch: dict[str, Any], plan: ChunkPlan, device: torch.device, pad_token_id: int,
+                 image_token_id: int, merge_size: int) -> None:
+        self.plan, self.device = plan, device
+        self.pad, self.image_token, self.merge = pad_token_id, image_token_id, merge_size
+        self.ids, self.positions, self.patches = batch["input_ids"], batch["positions"], batch["patches"]
+        lens = batch["seq_lens"].tolist()
+        self.lens = lens
+        self.starts = [0]
+        for n in lens:
+            self.starts.append(self.starts[-1] + n)
+        grids = [tuple(g) for g in batch["grids"].tolist()]
+        self.grids = grids
+        self.seq_images: list[list[int]] = [[] for _ in lens]
+        for image, seq in enumerate(batch["image_seqs"].tolist()):
+            self.seq_images[seq].append(image)
+        self.patch_starts = [0]
+        for t, h, w in grids:
+            self.patch_starts.append(self.patch_starts[-1] + t * h * w)
+
+    def __len__(self) -> int:
+        return self.plan.n_chunks
+
+    def has_image(self, seq: int) -> bool:
+        """Whether a sequence carries an image."""
+        return bool(self.seq_images[seq])
+
+    def real(self, i: int) -> int:
+        """Rows of chunk i that are this rank's sequences."""
+        return len(self.plan.rows(i))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Chunk i's model inputs on the device: input_ids, attention_mask, position_ids [3, rows, L], patches, grid."""
+        rows = self.plan.rows(i)
+        needs_image = self.plan.vision[i] and not any(self.has_image(s) for s in rows)
+        dummy = needs_image or not rows
+        n = len(rows) + int(dummy)
+        width = max([self.lens[s] for s in rows] + [1])
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        positions = torch.zeros(3, n, width, dtype=torch.long)
+        patches, grids = [], []
+        for r, s in enumerate(rows):
+            a, b = self.starts[s], self.starts[s + 1]
+            ids[r, : b - a] = self.ids[a:b]
+            mask[r, : b - a] = 1
+            positions[:, r, : b - a] = self.positions[:, a:b]
+            for image in self.seq_images[s]:
+                patches.append(self.patches[self.patch_starts[image]:self.patch_starts[image + 1]])
+                grids.append(self.grids[image])
+        if dummy:
+            mask[-1, 0] = 1
+            if needs_image:
+                # One merged patch of black pixels behind a single image token.
+                ids[-1, 0] = self.image_token
+                p = self.patches.shape[-1]
+                patches.append(torch.zeros(self.merge * self.merge, 3, p, p, dtype=torch.uint8))
+                grids.append((1, self.merge, self.merge))
+        out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        if patches:
+            out["patches"] = torch.cat(patches)
+            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+
+
+def plan_batch(batch: dict[str, Any], chunk_tokens: int, chunk_size: int, agree: bool = True,
+               max_chunks: int | None = None) -> ChunkPlan:
+    """Plan this rank's chunks of a batch and (with `agree`) agree with every rank on the forwards (one collective).
+
+    `max_chunks` sizes the agreement (the same on every rank; default: one chunk per sequence, since
+    every rank holds the same number of sequences in training). Without `agree` the plan is local.
+    """
+    lens = batch["seq_lens"].tolist()
+    has_image = [False] * len(lens)
+    for seq in batch["image_seqs"].tolist():
+        has_image[seq] = True
+    chunks = plan_token_chunks(lens, chunk_tokens, chunk_size)
+    if not agree:
+        return ChunkPlan(chunks, len(chunks), [any(has_image[s] for s in c) for c in chunks])
+    return agree_on_chunks(chunks, has_image, max_chunks=max_chunks or max(len(lens), 1))

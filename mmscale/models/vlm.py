@@ -192,7 +192,7 @@ def vlm_preprocess(cfg: VlmConfig, processor: Any, model_config: Any = None) -> 
 
 
 def vlm_model_config(cfg: VlmConfig) -> Any:
-    """The transformers config of the model (inline `model.vlm.config`, or read from name_or_path)."""
+    """The transformers config of the model: the inline `model.vlm.config`, else name_or_path's."""
     from transformers import AutoConfig
 
     if cfg.config:
@@ -202,26 +202,28 @@ def vlm_model_config(cfg: VlmConfig) -> Any:
     else:
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path))
     if config.model_type not in MODEL_TYPES:
-        raise ValueError(f"model.vlm: model_type {config.model_type!r} is not supported "
-                         f"(one of {', '.join(MODEL_TYPES)})")
+        where = "model.vlm.config" if cfg.config else f"model.vlm.name_or_path {cfg.name_or_path}"
+        raise ValueError(f"{where}: model_type {config.model_type!r} is not supported (one of {', '.join(MODEL_TYPES)})")
     return config
 
 
+def _backbone_kwargs(cfg: VlmConfig) -> dict[str, Any]:
+    return {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+
+
 def build_vlm_backbone(cfg: VlmConfig, pretrained: bool = True) -> nn.Module:
-    """The transformers base model (vision encoder + language model, no LM head), fp32."""
+    """The transformers base model (vision encoder + language model, no LM head), fp32.
+
+    With `pretrained` and a `name_or_path`, its weights; otherwise random from the config (the inline
+    one first: a run's config.yaml keeps name_or_path as provenance beside the inline shape).
+    """
     from transformers import AutoModel
 
-    kwargs: dict[str, Any] = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    config = vlm_model_config(cfg)
-    if pretrained and not cfg.config:
-        model = AutoModel.from_pretrained(resolve_model_path(cfg.name_or_path), dtype=torch.float32, **kwargs)
-    else:
-        model = AutoModel.from_config(config, dtype=torch.float32, **kwargs)
-    config = model.config
-    if config.model_type not in MODEL_TYPES:
-        raise ValueError(f"model.vlm.name_or_path: {cfg.name_or_path} is a {config.model_type}, not one of "
-                         f"{', '.join(MODEL_TYPES)}")
-    return model
+    if pretrained and cfg.name_or_path:
+        vlm_model_config(VlmConfig(name_or_path=cfg.name_or_path))  # refuse other model types before loading
+        return AutoModel.from_pretrained(resolve_model_path(cfg.name_or_path), dtype=torch.float32,
+                                         **_backbone_kwargs(cfg))
+    return AutoModel.from_config(vlm_model_config(cfg), dtype=torch.float32, **_backbone_kwargs(cfg))
 
 
 def enable_checkpointing(vlm: nn.Module) -> None:
@@ -253,3 +255,62 @@ def build_vlm_embedder(model_cfg: ModelConfig, with_bias: bool = False, pretrain
     if cfg.grad_checkpointing:
         enable_checkpointing(vlm)
     return model
+
+
+def build_vlm_model(model_cfg: ModelConfig, kind: str = "vlm", with_bias: bool = False,
+                    pretrained: bool = True) -> nn.Module:
+    """The embedder (`vlm`) or the cross-encoder (`vlm_reranker`) of a config."""
+    if kind == "vlm_reranker":
+        from mmscale.models.vlm_reranker import build_vlm_reranker
+
+        return build_vlm_reranker(model_cfg, pretrained=pretrained)
+    return build_vlm_embedder(model_cfg, with_bias=with_bias, pretrained=pretrained)
+
+
+PROVENANCE_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures")
+
+
+def self_contained_vlm(model_cfg: ModelConfig, model: nn.Module) -> ModelConfig:
+    """A copy of the config that rebuilds the model with no hub: the transformers config inline, the pixels resolved.
+
+    `name_or_path` stays as provenance (and is what a new run would load weights from); the
+    processor is still read from `processor` (an export points it at its own copy).
+    """
+    import copy
+
+    cfg = copy.deepcopy(model_cfg)
+    v = cfg.vlm
+    backbone = model.vlm.config
+    inline = backbone.to_diff_dict()
+    for key in PROVENANCE_KEYS:
+        inline.pop(key, None)
+    for sub in ("text_config", "vision_config"):
+        for key in PROVENANCE_KEYS:
+            inline.get(sub, {}).pop(key, None)
+    inline["model_type"] = backbone.model_type
+    v.config = inline
+    v.processor = resolve_model_path(v.processor or v.name_or_path)
+    v.min_pixels, v.max_pixels = model.preprocess.min_pixels, model.preprocess.max_pixels
+    v.grad_checkpointing = False
+    return cfg
+
+
+def is_vlm_source(path: str) -> bool:
+    """Whether `path` is a local transformers folder of a supported vision-language model."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") in MODEL_TYPES
+    except ValueError:
+        return False
+
+
+def load_vlm_source(path: str) -> tuple[VlmEmbedder, ModelConfig]:
+    """A transformers Qwen-VL folder as an embedder (chat format, last-token pooling, no prompts) and its config."""
+    model_cfg = ModelConfig(kind="vlm", vlm=VlmConfig(name_or_path=str(path)))
+    model = build_vlm_embedder(model_cfg)
+    return model, self_contained_vlm(model_cfg, model)

@@ -77,16 +77,24 @@ class Trainer:
         # Same seed everywhere for the initial weights (DeepSpeed broadcasts rank 0's anyway),
         # then one stream per rank so dropout masks differ between ranks.
         seed_everything(t.seed)
-        self.tokenizer = load_tokenizer(cfg.model.text)
         # A resumed run's weights come from its checkpoint: the pretrained source is not read again.
         resuming = resolve_resume(t.resume, self.output_dir) is not None
-        model = build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip", pretrained=not resuming)
+        self.task = None  # [vlm] model.kind=vlm: model, loader, step and evaluation from mmscale/train/vlm_step.py
+        if cfg.model.kind == "vlm":  # [vlm]
+            from mmscale.train.vlm_step import VlmTask  # [vlm]
+
+            self.task = VlmTask(cfg, pretrained=not resuming)  # [vlm] also inlines the model's shape into cfg
+            model, self.tokenizer = self.task.model, self.task.processor  # [vlm]
+        else:
+            self.tokenizer = load_tokenizer(cfg.model.text)
+            model = build_dual_encoder(cfg.model, with_bias=cfg.loss.kind == "siglip", pretrained=not resuming)
         self.preprocess = model.preprocess
         self.engine, self.optimizer, self.scheduler = build_engine(cfg, model, self.world_size)
         self.loss_fn = build_loss(cfg.loss)
         seed_everything(t.seed + 1000 * self.rank + 1)
 
-        self.loader = build_train_loader(
+        build_loader = self.task.build_loader if self.task is not None else build_train_loader  # [vlm]
+        self.loader = build_loader(
             cfg.data,
             batch_size=cfg.per_rank_batch_size,
             rank=self.rank,
@@ -202,10 +210,13 @@ class Trainer:
         t = self.cfg.train
         group = self.optimizer.param_groups[0]
         lr = group["lr"] / group.get("lr_mult", 1.0)  # the base lr: groups carry their fine-tuning multipliers
-        inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
-                  "attention_mask": batch["attention_mask"]}
-        result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
-                            resolve_grad_reduction(t))
+        if self.task is not None:  # [vlm]
+            result = self.task.step(self.engine, batch, resolve_grad_reduction(t))  # [vlm]
+        else:
+            inputs = {"pixel_values": batch["image"], "input_ids": batch["input_ids"],
+                      "attention_mask": batch["attention_mask"]}
+            result = train_step(self.engine, inputs, self.loss_fn, t.chunk_size, t.gradcache, t.group_by_length,
+                                resolve_grad_reduction(t))
         result["lr"] = lr
         # `finite` is already agreed across ranks by the step, so every rank takes the same branch.
         if result["finite"]:
@@ -280,17 +291,20 @@ class Trainer:
         was_training = self.engine.module.training
         self.engine.module.eval()
         try:
-            metrics = evaluate_model(
-                self.engine.module,
-                self.cfg.data.val,
-                tokenizer=self.tokenizer,
-                preprocess=self.preprocess,
-                max_length=self.cfg.model.text.max_length,
-                eval_cfg=self.cfg.eval,
-                data_cfg=self.cfg.data,
-                device=self.dist.device,
-                lockstep_forwards=self.cfg.train.zero_stage == 3,
-            )
+            if self.task is not None:  # [vlm]
+                metrics = self.task.evaluate(self.engine.module, self.cfg.data.val, self.dist.device)  # [vlm]
+            else:
+                metrics = evaluate_model(
+                    self.engine.module,
+                    self.cfg.data.val,
+                    tokenizer=self.tokenizer,
+                    preprocess=self.preprocess,
+                    max_length=self.cfg.model.text.max_length,
+                    eval_cfg=self.cfg.eval,
+                    data_cfg=self.cfg.data,
+                    device=self.dist.device,
+                    lockstep_forwards=self.cfg.train.zero_stage == 3,
+                )
         finally:
             self.engine.module.train(was_training)
         self.monitor.log_step(self.step, metrics, group="eval")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,137 +38,12 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import Config
+from mmscale.data.vlm import ChunkPlan, VlmChunks, plan_batch
 from mmscale.train.gradcache import all_ranks_finite, chunk_reduction, get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
-
-
-# --------------------------------------------------------------------------- planning (host)
-
-
-def plan_token_chunks(lengths: list[int], chunk_tokens: int, chunk_size: int) -> list[list[int]]:
-    """Sequence indices per chunk: longest first; rows x longest <= chunk_tokens (or chunk_size rows when 0)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    chunks: list[list[int]] = []
-    for i in order:
-        if chunks:
-            current = chunks[-1]
-            longest = lengths[current[0]]  # sorted: the chunk's first sequence is its longest
-            fits = (len(current) + 1) * longest <= chunk_tokens if chunk_tokens else len(current) < chunk_size
-            if fits:
-                current.append(i)
-                continue
-        chunks.append([i])
-    return chunks
-
-
-@dataclass
-class ChunkPlan:
-    """This rank's chunks (sequence indices) and what every rank agreed: how many forwards, which run vision."""
-
-    chunks: list[list[int]]
-    n_chunks: int
-    vision: list[bool]
-
-    def rows(self, i: int) -> list[int]:
-        """Chunk i's real sequences on this rank (none for a dummy forward)."""
-        return self.chunks[i] if i < len(self.chunks) else []
-
-
-def agree_on_chunks(chunks: list[list[int]], has_image: list[bool], max_chunks: int) -> ChunkPlan:
-    """Every rank's chunk count and vision flags, maxed over ranks in one collective (a no-op on one process)."""
-    if len(chunks) > max_chunks:
-        raise ValueError(f"{len(chunks)} chunks exceed the {max_chunks} the agreement has room for")
-    local = [len(chunks)] + [int(any(has_image[s] for s in c)) for c in chunks] + [0] * (max_chunks - len(chunks))
-    if distributed.is_initialized() and distributed.get_world_size() > 1:
-        flags = torch.tensor(local, dtype=torch.long, device=distributed.comm_device())
-        local = distributed.all_reduce_tensor(flags, "max").tolist()
-    n = int(local[0])
-    return ChunkPlan(chunks, n, [bool(v) for v in local[1:1 + n]])
-
-
-class VlmChunks:
-    """A batch's sequences padded into chunk tensors on the host, moved to the device one chunk at a time.
-
-    Rows are right-padded to the chunk's longest sequence; dummy rows (see the module docstring) come
-    after the real ones. `real(i)` is how many rows of chunk i are real.
-    """
-
-    def __init__(self, batch: dict[str, Any], plan: ChunkPlan, device: torch.device, pad_token_id: int,
-                 image_token_id: int, merge_size: int) -> None:
-        self.plan, self.device = plan, device
-        self.pad, self.image_token, self.merge = pad_token_id, image_token_id, merge_size
-        self.ids, self.positions, self.patches = batch["input_ids"], batch["positions"], batch["patches"]
-        lens = batch["seq_lens"].tolist()
-        self.lens = lens
-        self.starts = [0]
-        for n in lens:
-            self.starts.append(self.starts[-1] + n)
-        grids = [tuple(g) for g in batch["grids"].tolist()]
-        self.grids = grids
-        self.seq_images: list[list[int]] = [[] for _ in lens]
-        for image, seq in enumerate(batch["image_seqs"].tolist()):
-            self.seq_images[seq].append(image)
-        self.patch_starts = [0]
-        for t, h, w in grids:
-            self.patch_starts.append(self.patch_starts[-1] + t * h * w)
-
-    def __len__(self) -> int:
-        return self.plan.n_chunks
-
-    def has_image(self, seq: int) -> bool:
-        """Whether a sequence carries an image."""
-        return bool(self.seq_images[seq])
-
-    def real(self, i: int) -> int:
-        """Rows of chunk i that are this rank's sequences."""
-        return len(self.plan.rows(i))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Chunk i's model inputs on the device: input_ids, attention_mask, position_ids [3, rows, L], patches, grid."""
-        rows = self.plan.rows(i)
-        needs_image = self.plan.vision[i] and not any(self.has_image(s) for s in rows)
-        dummy = needs_image or not rows
-        n = len(rows) + int(dummy)
-        width = max([self.lens[s] for s in rows] + [1])
-        ids = torch.full((n, width), self.pad, dtype=torch.long)
-        mask = torch.zeros(n, width, dtype=torch.long)
-        positions = torch.zeros(3, n, width, dtype=torch.long)
-        patches, grids = [], []
-        for r, s in enumerate(rows):
-            a, b = self.starts[s], self.starts[s + 1]
-            ids[r, : b - a] = self.ids[a:b]
-            mask[r, : b - a] = 1
-            positions[:, r, : b - a] = self.positions[:, a:b]
-            for image in self.seq_images[s]:
-                patches.append(self.patches[self.patch_starts[image]:self.patch_starts[image + 1]])
-                grids.append(self.grids[image])
-        if dummy:
-            mask[-1, 0] = 1
-            if needs_image:
-                # One merged patch of black pixels behind a single image token.
-                ids[-1, 0] = self.image_token
-                p = self.patches.shape[-1]
-                patches.append(torch.zeros(self.merge * self.merge, 3, p, p, dtype=torch.uint8))
-                grids.append((1, self.merge, self.merge))
-        out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        if patches:
-            out["patches"] = torch.cat(patches)
-            out["image_grid_thw"] = torch.tensor(grids, dtype=torch.long)
-        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
-
-
-def plan_batch(batch: dict[str, Any], chunk_tokens: int, chunk_size: int) -> ChunkPlan:
-    """Plan this rank's chunks of a batch and agree with every rank on the forwards (one collective)."""
-    lens = batch["seq_lens"].tolist()
-    has_image = [False] * len(lens)
-    for seq in batch["image_seqs"].tolist():
-        has_image[seq] = True
-    chunks = plan_token_chunks(lens, chunk_tokens, chunk_size)
-    # Room for one chunk per sequence: the per-rank sequence count is the same on every rank.
-    return agree_on_chunks(chunks, has_image, max_chunks=max(len(lens), 1))
 
 
 # --------------------------------------------------------------------------- the loss's view of a batch
@@ -311,7 +185,7 @@ class VlmTask:
         from mmscale.data.decode import parse_image_keys
         from mmscale.data.vlm import VlmCodec, VlmRenderer
         from mmscale.losses import build_loss
-        from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor
+        from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor, self_contained_vlm
 
         self.cfg = cfg
         self.processor = load_vlm_processor(cfg.model.vlm)
@@ -323,14 +197,18 @@ class VlmTask:
         self.codec = VlmCodec(self.renderer, parse_image_keys(cfg.data.image_keys), cfg.data.text_key,
                               cfg.data.max_pixels, negatives=negatives)
         self.loss_fn = build_loss(cfg.loss)
+        # config.yaml then rebuilds the model with no hub: its transformers config inline, pixels resolved.
+        cfg.model = self_contained_vlm(cfg.model, self.model)
 
-    def build_loader(self, rank: int, world_size: int, seed: int, counts_cache=None, pin_memory: bool = False):
-        """The training loader of this rank, reading VLM samples (see mmscale.data.vlm for the layout)."""
+    def build_loader(self, data_cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
+                     pin_memory: bool = False, counts_cache=None, **_two_tower: Any):
+        """The training loader of this rank reading VLM samples (`mmscale.data.build_train_loader`'s arguments;
+        the two-tower ones, preprocess / tokenizer / max_length, are not used)."""
         from mmscale.data import build_train_loader
 
-        return build_train_loader(self.cfg.data, batch_size=self.cfg.per_rank_batch_size, rank=rank,
-                                  world_size=world_size, seed=seed, preprocess=None, tokenizer=None, max_length=0,
-                                  pin_memory=pin_memory, counts_cache=counts_cache, codec=self.codec)
+        return build_train_loader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  preprocess=None, tokenizer=None, max_length=0, pin_memory=pin_memory,
+                                  counts_cache=counts_cache, codec=self.codec)
 
     def step(self, engine, batch: dict[str, Any], grad_reduction: str = "coalesced") -> dict[str, Any]:
         """One batch's gradient into the engine (`train.gradcache` chooses the cached or the plain step)."""

@@ -1,0 +1,107 @@
+"""Query -> document retrieval with a vision-language embedder (Recall@k, MRR@10, nDCG@10, ranks), by all ranks.
+
+The evaluation shards hold (query, document) pairs in any layout `mmscale.data.vlm` reads; sample
+i's document is the answer to its query (samples sharing a key or an identical query text are
+each other's answers, as in the two-tower evaluation). Every rank encodes its own shards, chunk by
+token budget as in training, then the corpus search and the metrics are the two-tower ones
+(`evaluate.retrieval_both_ways`, `retrieval.metrics`): `q2d_` (query -> document, the retrieval
+direction) and `d2q_`.
+
+Under ZeRO-3 (`lockstep`) every rank runs the same forwards: the ranks agree on each batch's
+chunks (one collective per batch) and a rank out of batches runs dummy chunks until all are done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmscale import distributed
+from mmscale.config import DataConfig, EvalConfig
+from mmscale.retrieval.encode import EncodedShards
+
+PREFIXES = {"t2i_": "q2d_", "i2t_": "d2q_"}
+
+
+@torch.no_grad()
+def encode_vlm_batches(model: nn.Module, batches: Iterable[dict], *, group_size: int, chunk_tokens: int,
+                       chunk_size: int, pad_token_id: int, image_token_id: int, merge_size: int, max_seqs: int,
+                       empty_batch: dict, device: torch.device | str = "cpu", lockstep: bool = False,
+                       ) -> tuple[list[str], list[str], torch.Tensor]:
+    """(keys, query texts, embeddings [n, group_size, D]) of this rank's batches, L2-normalised (collective with lockstep)."""
+    from mmscale.data.vlm import VlmChunks, plan_batch
+
+    keys, texts, rows = [], [], []
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if lockstep:
+            if not distributed.any_rank(batch is not None):
+                break
+            batch = batch if batch is not None else empty_batch  # done: dummy chunks keep ZeRO-3 in step
+        elif batch is None:
+            break
+        if not batch["key"] and not lockstep:
+            continue
+        plan = plan_batch(batch, chunk_tokens, chunk_size, agree=lockstep, max_chunks=max_seqs)
+        chunks = VlmChunks(batch, plan, torch.device(device), pad_token_id, image_token_id, merge_size)
+        parts = [model(**chunks[i])["emb"][: chunks.real(i)].float() for i in range(len(chunks))]
+        if not batch["key"]:
+            continue
+        order = [s for c in plan.chunks for s in c]
+        where = torch.empty(len(order), dtype=torch.long)
+        where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        emb = F.normalize(torch.cat(parts).index_select(0, where.to(parts[0].device)), dim=-1)
+        rows.append(emb.view(-1, group_size, emb.shape[-1]))
+        keys.extend(batch["key"])
+        texts.extend(batch["text"])
+    if not rows:
+        dim = int(getattr(model, "embed_dim", 0))
+        return keys, texts, torch.empty(0, group_size, dim, device=device)
+    return keys, texts, torch.cat(rows)
+
+
+def evaluate_vlm(model: nn.Module, codec: Any, urls: str, *, device: torch.device | str = "cpu",
+                 eval_cfg: EvalConfig | None = None, data_cfg: DataConfig | None = None, chunk_tokens: int = 0,
+                 chunk_size: int = 32, lockstep: bool = False) -> dict[str, float]:
+    """`q2d_*` and `d2q_*` retrieval metrics of `urls` on every rank (collective)."""
+    from mmscale.data import build_eval_loader
+    from mmscale.data.vlm import VlmCodec
+    from mmscale.evaluate import retrieval_both_ways
+    from mmscale.retrieval.corpus import build_corpus
+
+    eval_cfg, data_cfg = eval_cfg or EvalConfig(), data_cfg or DataConfig()
+    pairs = VlmCodec(codec.renderer, codec.image_keys, codec.text_key, codec.max_pixels, negatives=0)
+    loader = build_eval_loader(urls, batch_size=eval_cfg.batch_size, rank=distributed.get_rank(),
+                               world_size=distributed.get_world_size(), preprocess=None, tokenizer=None, max_length=0,
+                               workers=min(data_cfg.workers, 2), image_keys=data_cfg.image_keys,
+                               text_key=data_cfg.text_key, max_pixels=data_cfg.max_pixels, codec=pairs)
+    renderer = codec.renderer
+    was_training = model.training
+    model.eval()
+    try:
+        keys, texts, emb = encode_vlm_batches(
+            model, loader, group_size=2, chunk_tokens=chunk_tokens, chunk_size=chunk_size,
+            pad_token_id=renderer.pad_token_id, image_token_id=renderer.image_token_id,
+            merge_size=renderer.pre.merge_size, max_seqs=2 * eval_cfg.batch_size,
+            empty_batch={**pairs.empty(), "key": [], "text": []}, device=device, lockstep=lockstep,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    enc = EncodedShards(keys=keys, texts=texts, image_emb=emb[:, 1].contiguous(), text_emb=emb[:, 0].contiguous(),
+                        bad_samples=dict(loader.bad_samples))
+    corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
+    metrics, _ = retrieval_both_ways(enc, corpus, eval_cfg.ks)
+    out = {}
+    for name, value in metrics.items():
+        for old, new in PREFIXES.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+        out[name] = value
+    bad = distributed.all_gather_object(enc.bad_samples)
+    out["bad_samples"] = float(sum(sum(b.values()) for b in bad))
+    return out
