@@ -209,6 +209,7 @@ class VlmConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (peft) on the language model; the vision encoder trains fully unless vision_locked
     grad_checkpointing: bool = False  # recompute activations in backward (both encoders): less memory, more compute
     attn_implementation: str = ""  # eager | sdpa | flash_attention_2; empty: transformers' default (sdpa)
+    negatives: int = 0  # hard negatives per query from mined group shards (KEY.txt, KEY.pos.*, KEY.neg0.* ...), extra documents in the loss; 0: (query, document) pairs
     yes_token: str = "yes"  # reranker: the relevance score is logit(yes_token) - logit(no_token) at the last position
     no_token: str = "no"  # reranker: the token whose logit is subtracted
 
@@ -667,6 +668,7 @@ def _validate_vlm(m: ModelConfig) -> None:
     _one_of(v.proj, VLM_PROJECTIONS, "model.vlm.proj")
     _one_of(v.attn_implementation, ATTN_IMPLEMENTATIONS, "model.vlm.attn_implementation")
     _check(v.max_text_tokens > 0, "model.vlm.max_text_tokens", f"must be > 0, got {v.max_text_tokens}")
+    _check(v.negatives >= 0, "model.vlm.negatives", f"must be >= 0 (0: no hard negatives), got {v.negatives}")
     _check(v.lora.rank >= 0, "model.vlm.lora.rank", f"must be >= 0 (0: no adapters), got {v.lora.rank}")
     _check(v.lora.alpha > 0, "model.vlm.lora.alpha", f"must be > 0, got {v.lora.alpha}")
     _check(0 <= v.lora.dropout < 1, "model.vlm.lora.dropout", f"must be in [0, 1), got {v.lora.dropout}")

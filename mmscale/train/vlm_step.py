@@ -181,10 +181,10 @@ class VlmTask:
         task.evaluate(module, urls, device)             # query -> document retrieval metrics (collective)
     """
 
-    def __init__(self, cfg: Config, pretrained: bool = True, negatives: int = 0) -> None:
+    def __init__(self, cfg: Config, pretrained: bool = True) -> None:
         from mmscale.data.decode import parse_image_keys
         from mmscale.data.vlm import VlmCodec, VlmRenderer
-        from mmscale.losses import build_loss
+        from mmscale.losses.vlm import build_vlm_loss
         from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor, self_contained_vlm
 
         self.cfg = cfg
@@ -195,8 +195,8 @@ class VlmTask:
         self.renderer = VlmRenderer(self.processor.tokenizer, self.processor.chat_template, self.preprocess,
                                     *vision_tokens(self.processor))
         self.codec = VlmCodec(self.renderer, parse_image_keys(cfg.data.image_keys), cfg.data.text_key,
-                              cfg.data.max_pixels, negatives=negatives)
-        self.loss_fn = build_loss(cfg.loss)
+                              cfg.data.max_pixels, negatives=cfg.model.vlm.negatives)
+        self.loss_fn = build_vlm_loss(cfg.loss)
         # config.yaml then rebuilds the model with no hub: its transformers config inline, pixels resolved.
         cfg.model = self_contained_vlm(cfg.model, self.model)
 
