@@ -105,3 +105,32 @@ def evaluate_vlm(model: nn.Module, codec: Any, urls: str, *, device: torch.devic
     bad = distributed.all_gather_object(enc.bad_samples)
     out["bad_samples"] = float(sum(sum(b.values()) for b in bad))
     return out
+
+
+def run_vlm_eval(args: Any, loaded: Any, checkpoint: dict[str, Any], device: torch.device) -> int:
+    """`mmscale eval` of a vision-language embedder: q2d_ / d2q_ metrics of `--data` (one or many ranks)."""
+    import json
+    from pathlib import Path
+
+    from mmscale.data.decode import parse_image_keys
+    from mmscale.data.vlm import VlmCodec, VlmRenderer
+    from mmscale.train.vlm_step import vision_tokens
+
+    if getattr(args, "reranker", ""):
+        return run_vlm_rerank_eval(args, loaded, checkpoint, device)
+    model = loaded.model.to(device)
+    processor = loaded.tokenizer()
+    renderer = VlmRenderer(processor.tokenizer, processor.chat_template, model.preprocess, *vision_tokens(processor))
+    data = DataConfig()
+    codec = VlmCodec(renderer, parse_image_keys(data.image_keys), data.text_key, data.max_pixels)
+    metrics = evaluate_vlm(model, codec, args.data, device=device, eval_cfg=EvalConfig(batch_size=args.batch_size),
+                           data_cfg=data)
+    report = {"model": str(args.model), "checkpoint": checkpoint, "data": args.data, "metrics": metrics}
+    if distributed.get_rank() == 0:
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text + "\n")
+    distributed.destroy()
+    return 0

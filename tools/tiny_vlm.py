@@ -198,3 +198,41 @@ def write_pair_shards(output: str | Path, n: int = 32, samples_per_shard: int = 
             writer.write(files, {"i": i, "layout": layout})
     write_stats(out, writer.shards)
     return out
+
+
+def write_group_shards(output: str | Path, n: int = 16, negatives: int = 2, samples_per_shard: int = 8,
+                       seed: int = 0) -> Path:
+    """Mined-group shards in `mmscale mine`'s layout: KEY.txt, KEY.pos.png, KEY.neg{i}.png or .txt, KEY.json scores.
+
+    The last negative of every third group is left out (a group short of negatives).
+    """
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mmscale.data.writer import ShardWriter, write_stats
+
+    rng = np.random.default_rng(seed)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def png() -> bytes:
+        h, w = int(rng.integers(16, 64)), int(rng.integers(16, 64))
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    with ShardWriter(out, samples_per_shard) as writer:
+        for i in range(n):
+            words = rng.choice(len(VOCAB_WORDS), 4, replace=False)
+            files: dict[str, bytes] = {"txt": " ".join(VOCAB_WORDS[j] for j in words).encode(), "pos.png": png()}
+            have = negatives - 1 if i % 3 == 2 else negatives
+            for k in range(have):
+                files[f"neg{k}.png" if k % 2 == 0 else f"neg{k}.txt"] = png() if k % 2 == 0 else b"a text negative"
+            scores = sorted(rng.random(have + 1).tolist(), reverse=True)
+            files["json"] = json.dumps({"positive_score": scores[0], "negative_scores": scores[1:]}).encode()
+            writer.write(files)
+    write_stats(out, writer.shards)
+    return out
