@@ -69,6 +69,14 @@ def evaluate_vlm(model: nn.Module, codec: Any, urls: str, *, device: torch.devic
                  eval_cfg: EvalConfig | None = None, data_cfg: DataConfig | None = None, chunk_tokens: int = 0,
                  chunk_size: int = 32, lockstep: bool = False) -> dict[str, float]:
     """`q2d_*` and `d2q_*` retrieval metrics of `urls` on every rank (collective)."""
+    metrics, _ = _evaluate_vlm(model, codec, urls, device=device, eval_cfg=eval_cfg, data_cfg=data_cfg,
+                               chunk_tokens=chunk_tokens, chunk_size=chunk_size, lockstep=lockstep)
+    return metrics
+
+
+def _evaluate_vlm(model, codec, urls, *, device="cpu", eval_cfg=None, data_cfg=None, chunk_tokens=0, chunk_size=32,
+                  lockstep=False, rerank_depth=0):  # fmt: skip
+    """(metrics, (encoded split, corpus, query -> document search at least `rerank_depth` deep)) of `evaluate_vlm`."""
     from mmscale.data import build_eval_loader
     from mmscale.data.vlm import VlmCodec
     from mmscale.evaluate import retrieval_both_ways
@@ -95,7 +103,7 @@ def evaluate_vlm(model: nn.Module, codec: Any, urls: str, *, device: torch.devic
     enc = EncodedShards(keys=keys, texts=texts, image_emb=emb[:, 1].contiguous(), text_emb=emb[:, 0].contiguous(),
                         bad_samples=dict(loader.bad_samples))
     corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
-    metrics, _ = retrieval_both_ways(enc, corpus, eval_cfg.ks)
+    metrics, t2i = retrieval_both_ways(enc, corpus, eval_cfg.ks, rerank_depth=rerank_depth)
     out = {}
     for name, value in metrics.items():
         for old, new in PREFIXES.items():
@@ -104,7 +112,103 @@ def evaluate_vlm(model: nn.Module, codec: Any, urls: str, *, device: torch.devic
         out[name] = value
     bad = distributed.all_gather_object(enc.bad_samples)
     out["bad_samples"] = float(sum(sum(b.values()) for b in bad))
+    return out, (enc, corpus, t2i)
+
+
+@torch.no_grad()
+def vlm_rerank_metrics(scorer: Any, contents: dict[str, tuple], all_keys: list[str], enc: EncodedShards, corpus: Any,
+                       ranking: Any, found: Any, top_k: int = 20, ks=(1, 5, 10)) -> dict:
+    """The embedder's query -> document ranking and its top `top_k` re-ranked by a VLM cross-encoder (collective).
+
+    `contents[key]` = ((query images, query text), (document images, document text)) of every sample
+    of the split; `all_keys` the split's keys in the corpus's global order.
+    """
+    from mmscale.retrieval.metrics import Ranking, against_ties, retrieval_metrics
+    from mmscale.retrieval.rerank_eval import MRR_K, NDCG_K
+
+    n = len(corpus)
+    rk = min(top_k, n)
+    query_groups = corpus.groups[corpus.local_indices]
+    head_hits, head_first = [], []
+    for q in range(len(enc)):
+        cand = found.indices[q, :rk]
+        query = contents[enc.keys[q]][0]
+        docs = [contents[all_keys[i]][1] for i in cand.tolist()]
+        scores = scorer.score({"images": query[0], "text": query[1]},
+                              [{"images": d[0], "text": d[1]} for d in docs])
+        relevant = (corpus.groups[cand] == query_groups[q]).cpu()
+        order = against_ties(scores[None].float(), relevant[None]).argsort(dim=1, descending=True, stable=True)[0]
+        hits = relevant[order]
+        head_hits.append(hits)
+        head_first.append(torch.where(hits.any(), hits.float().argmax() + 1, ranking.first_rank[q].cpu()))
+    device_of = ranking.hits.device
+    width = ranking.hits.shape[1]
+    head = torch.stack(head_hits).to(device_of) if head_hits else torch.zeros(0, rk, dtype=torch.bool, device=device_of)
+    reranked = Ranking(torch.cat([head, ranking.hits[:, rk:width]], dim=1),
+                       torch.stack(head_first).to(device_of) if head_first else ranking.first_rank, ranking.n_relevant)
+    before, after = ranking.gathered(), reranked.gathered()
+    return {"queries": n, "top_k": rk, "bi_encoder": retrieval_metrics(before, ks, MRR_K, NDCG_K, ranks=False),
+            "reranked": retrieval_metrics(after, ks, MRR_K, NDCG_K, ranks=False),
+            "bi_encoder_recall@top_k": before.recall(rk)}
+
+
+def read_contents(urls: str, codec: Any) -> dict[str, tuple]:
+    """key -> ((query images, query text), (document images, document text)) of every sample of `urls` (decoded raw)."""
+    from collections import Counter
+
+    from mmscale.data.decode import BadSample
+    from mmscale.data.shards import read_shards
+    from mmscale.data.urls import parse_sources
+
+    urls_list = [u for s in parse_sources(urls) for u in s.urls]
+    out = {}
+    for sample in read_shards(urls_list, Counter()):
+        try:
+            out[sample["__key__"]] = codec._sides(sample)
+        except BadSample:
+            continue
     return out
+
+
+def run_vlm_rerank_eval(args: Any, loaded: Any, checkpoint: dict[str, Any], device: torch.device) -> int:
+    """`mmscale eval EMBEDDER --data URLS --reranker RERANKER` for vision-language models (one or many ranks)."""
+    import json
+    from pathlib import Path
+
+    from mmscale.data.decode import parse_image_keys
+    from mmscale.data.vlm import VlmCodec, VlmRenderer
+    from mmscale.evaluate import resolve_trained
+    from mmscale.inference_vlm import VlmRerankerModel
+    from mmscale.models.load import load_model
+    from mmscale.retrieval.rerank_eval import format_rerank_table
+    from mmscale.train.vlm_step import vision_tokens
+
+    model = loaded.model.to(device)
+    processor = loaded.tokenizer()
+    renderer = VlmRenderer(processor.tokenizer, processor.chat_template, model.preprocess, *vision_tokens(processor))
+    data = DataConfig()
+    codec = VlmCodec(renderer, parse_image_keys(data.image_keys), data.text_key, data.max_pixels)
+    metrics, (enc, corpus, (ranking, found)) = _evaluate_vlm(
+        model, codec, args.data, device=device, eval_cfg=EvalConfig(batch_size=args.batch_size), data_cfg=data,
+        rerank_depth=args.top_k)  # fmt: skip
+    reranker_checkpoint = resolve_trained(args.reranker)
+    reranker = load_model(reranker_checkpoint["path"], kind="vlm_reranker")
+    scorer = VlmRerankerModel(reranker.model, reranker.tokenizer(), str(device))
+    all_keys = [k for part in distributed.all_gather_object(enc.keys) for k in part]
+    results = vlm_rerank_metrics(scorer, read_contents(args.data, codec), all_keys, enc, corpus, ranking, found,
+                                 top_k=args.top_k)
+    results["reranker_checkpoint"] = reranker_checkpoint
+    report = {"model": str(args.model), "checkpoint": checkpoint, "data": args.data, "metrics": metrics,
+              "rerank": results}
+    if distributed.get_rank() == 0:
+        text = json.dumps(report, indent=2)
+        print(text)
+        print(format_rerank_table(results))
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(text + "\n")
+    distributed.destroy()
+    return 0
 
 
 def run_vlm_eval(args: Any, loaded: Any, checkpoint: dict[str, Any], device: torch.device) -> int:

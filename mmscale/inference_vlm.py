@@ -125,10 +125,59 @@ class VlmEmbeddingModel:
 
 
 
+class VlmRerankerModel(VlmEmbeddingModel):
+    """A vision-language cross-encoder ready for inference: `score` (query, candidate) pairs, `rerank` candidates."""
+
+    kind = "vlm_reranker"
+
+    @property
+    def embed_dim(self) -> int:
+        """A cross-encoder has no embedding (its score is one number per pair)."""
+        return 1
+
+    @property
+    def logit_scale(self) -> float:
+        """Scores are logits already (log-odds of yes against no)."""
+        return 1.0
+
+    def score(self, query: VlmInput, candidates: Sequence[VlmInput], batch_size: int = 16) -> torch.Tensor:
+        """Relevance scores [N] (float32, CPU; logit(yes) - logit(no), higher is better) of `query` with each candidate."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        q_images, q_text = split_input(query)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(candidates), batch_size):
+                pairs = [self.renderer.encode_pair(q_images, q_text, *split_input(c))
+                         for c in candidates[start:start + batch_size]]
+                out.append(self._scores(pairs))
+        return torch.cat(out) if out else torch.empty(0)
+
+    def rerank(self, query: VlmInput, candidates: Sequence[VlmInput], top_k: int | None = None,
+               batch_size: int = 16) -> list[tuple[int, float]]:
+        """(index into `candidates`, score) pairs, best first; the best `top_k` only when given."""
+        scores = self.score(query, list(candidates), batch_size=batch_size)
+        order = torch.argsort(scores, descending=True, stable=True).tolist()
+        return [(i, float(scores[i])) for i in order[:top_k]]
+
+    def encode(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not available: a cross-encoder scores pairs (`score`, `rerank`)."""
+        raise TypeError("a VLM reranker scores (query, candidate) pairs: use score() or rerank(), not encode()")
+
+    def _scores(self, sequences: list) -> torch.Tensor:
+        batch = collate_sequences(sequences)
+        plan = plan_batch(batch, 0, len(sequences), agree=False)
+        chunks = VlmChunks(batch, plan, self.device, self.renderer.pad_token_id, self.renderer.image_token_id,
+                           self.preprocess.merge_size)
+        parts = [self.model(**chunks[i])["scores"][: chunks.real(i)] for i in range(len(chunks))]
+        order = [s for c in plan.chunks for s in c]
+        where = torch.empty(len(order), dtype=torch.long)
+        where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        return torch.cat(parts).index_select(0, where.to(parts[0].device)).float().cpu()
+
+
 def vlm_inference_model(kind: str, model: nn.Module, processor: Any, device: str = "cpu") -> Any:
     """The inference wrapper of a loaded vision-language model (`mmscale.load` calls it)."""
     if kind == "vlm_reranker":
-        from mmscale.inference_vlm_rerank import VlmRerankerModel
-
         return VlmRerankerModel(model, processor, device)
     return VlmEmbeddingModel(model, processor, device)

@@ -205,6 +205,8 @@ def check_shards(spec: str, key: str, *, world_size: int | None = None, epoch_mo
 
 @register("data", stages=STAGES)
 def _check_data(cfg: Config, ctx: Context) -> list[Finding]:
+    if cfg.model.kind == "vlm" and ctx.stage == "rerank":  # [vlm] trains on the group shards (rerank.mined)
+        return check_shards(cfg.data.val, "data.val") if cfg.data.val else []
     if ctx.stage == "train":
         findings = check_shards(cfg.data.train, "data.train", world_size=ctx.world_size,
                                 epoch_mode=cfg.data.mode == "epoch")  # fmt: skip
@@ -386,6 +388,8 @@ def _check_resume(cfg: Config, ctx: Context) -> list[Finding]:
 
 @register("mine.checkpoint", stages=("mine", "rerank"))
 def _check_mine_checkpoint(cfg: Config, ctx: Context) -> list[Finding]:
+    if cfg.model.kind == "vlm" and ctx.stage == "rerank":  # [vlm] the cross-encoder starts from model.vlm instead
+        return _check_model(cfg, ctx)
     return check_model_source(cfg.mine.checkpoint, "mine.checkpoint")
 
 
@@ -394,6 +398,10 @@ def _check_mined(cfg: Config, ctx: Context) -> list[Finding]:
     from mmscale.retrieval.mining import GROUPS_FILE, mined_dir
 
     key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
+    if cfg.model.kind == "vlm":  # [vlm] a VLM cross-encoder reads the group shards
+        from mmscale.train.vlm_step import mined_groups
+
+        return check_shards(mined_groups(cfg), key)
     path = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
     if path.is_file() or (path / GROUPS_FILE).is_file():
         return []

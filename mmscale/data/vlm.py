@@ -182,6 +182,28 @@ class VlmRenderer:
         messages.append({"role": "user", "content": content})
         return messages
 
+    def pair_conversation(self, query: tuple[int, str | None], document: tuple[int, str | None]) -> list[dict[str, Any]]:
+        """A reranker's messages: [system: the instruction (query_prompt)] + query + document, each (images, text)."""
+        messages: list[dict[str, Any]] = []
+        if self.pre.query_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.pre.query_prompt}]})
+        for role, (n_images, text) in ((QUERY, query), (DOCUMENT, document)):
+            content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+            if text is not None:
+                content.append({"type": "text", "text": text})
+            messages.append({"role": role, "content": content})
+        return messages
+
+    def encode_pair(self, query_images: list[torch.Tensor], query_text: str | None, doc_images: list[torch.Tensor],
+                    doc_text: str | None) -> Sequence:
+        """A (query, candidate) pair rendered together, for the cross-encoder (see `pair_conversation`)."""
+        if (not query_images and query_text is None) or (not doc_images and doc_text is None):
+            raise decoding.BadSample("empty_side", "a reranker pair needs content on both sides")
+        patched = [patchify(resize_image(im, self.pre), self.pre) for im in [*query_images, *doc_images]]
+        trunc = [None if t is None else self.truncate(t) for t in (query_text, doc_text)]
+        messages = self.pair_conversation((len(query_images), trunc[0]), (len(doc_images), trunc[1]))
+        return self.sequence(self.render(messages), [p for p, _ in patched], [g for _, g in patched])
+
     def render(self, messages: list[dict[str, Any]]) -> str:
         """The template's text of a conversation (one placeholder per image)."""
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
@@ -289,17 +311,18 @@ class VlmCodec:
     """
 
     def __init__(self, renderer: VlmRenderer, image_keys: tuple[str, ...], text_key: str = "txt",
-                 max_pixels: int = 50_000_000, negatives: int = 0) -> None:
+                 max_pixels: int = 50_000_000, negatives: int = 0, pairs: bool = False) -> None:
         self.renderer = renderer
         self.image_keys = image_keys
         self.text_key = text_key
         self.max_pixels = max_pixels
         self.negatives = negatives
+        self.pairs = pairs  # a cross-encoder's batch: one (query, candidate) pair per document and negative
 
     @property
     def group_size(self) -> int:
-        """Sequences per sample: query, document, negatives."""
-        return 2 + self.negatives
+        """Sequences per sample: query, document, negatives (pairs: one per document and negative)."""
+        return (1 if self.pairs else 2) + self.negatives
 
     def _image(self, sample: dict, prefix: str) -> torch.Tensor | None:
         for ext in self.image_keys:
@@ -315,46 +338,59 @@ class VlmCodec:
         text = raw.decode("utf-8", errors="replace").strip()
         return text or None
 
-    def _side(self, sample: dict, prefix: str, side: str) -> tuple[Sequence, str]:
+    def _content(self, sample: dict, prefix: str, side: str) -> tuple[list[torch.Tensor], str | None]:
         image, text = self._image(sample, prefix), self._text(sample, prefix)
         if image is None and text is None:
             raise decoding.BadSample(f"missing_{side}", f"{sample.get('__key__')} has no {prefix}.txt nor {prefix} image")
-        return self.renderer.encode(side, [image] if image is not None else [], text), text or ""
+        return [image] if image is not None else [], text
+
+    def _side(self, sample: dict, prefix: str, side: str) -> tuple[Sequence, str]:
+        images, text = self._content(sample, prefix, side)
+        return self.renderer.encode(side, images, text), text or ""
+
+    def _sides(self, sample: dict) -> tuple[tuple[list[torch.Tensor], str | None], tuple[list[torch.Tensor], str | None]]:
+        """(query, document) contents of a pair sample in any declared layout."""
+        if any(k.startswith(("query.", "doc.")) for k in sample):
+            return self._content(sample, "query", QUERY), self._content(sample, "doc", DOCUMENT)
+        query = decoding.caption(sample, self.text_key)
+        image = decoding.decode_rgb(decoding.image_bytes(sample, self.image_keys), self.max_pixels)
+        return ([], query), ([image], None)
 
     def decode(self, sample: dict) -> tuple[dict[str, Any], str]:
         """Raw sample -> (its sequences and group fields, the query text for logging); raises BadSample."""
         if any(k.startswith("pos.") for k in sample):
             return self._decode_group(sample)
-        if any(k.startswith(("query.", "doc.")) for k in sample):
-            query, query_text = self._side(sample, "query", QUERY)
-            document, _ = self._side(sample, "doc", DOCUMENT)
-        else:
-            query_text = decoding.caption(sample, self.text_key)
-            query = self.renderer.encode(QUERY, [], query_text)
-            image = decoding.decode_rgb(decoding.image_bytes(sample, self.image_keys), self.max_pixels)
-            document = self.renderer.encode(DOCUMENT, [image], None)
         if self.negatives:
             raise decoding.BadSample("not_a_group", f"{sample.get('__key__')} has no mined negatives (pos.*, neg*.*)")
-        return {"sequences": [query, document]}, query_text
+        (q_images, q_text), (d_images, d_text) = self._sides(sample)
+        if self.pairs:
+            return {"sequences": [self.renderer.encode_pair(q_images, q_text, d_images, d_text)]}, q_text or ""
+        query = self.renderer.encode(QUERY, q_images, q_text)
+        return {"sequences": [query, self.renderer.encode(DOCUMENT, d_images, d_text)]}, q_text or ""
 
     def _decode_group(self, sample: dict) -> tuple[dict[str, Any], str]:
         query_text = decoding.caption(sample, self.text_key)
-        query = self.renderer.encode(QUERY, [], query_text)
-        positive, _ = self._side(sample, "pos", DOCUMENT)
+        if self.pairs:
+            def encode(prefix: str) -> Sequence:
+                return self.renderer.encode_pair([], query_text, *self._content(sample, prefix, DOCUMENT))
+
+            sequences = [encode("pos")]
+        else:
+            def encode(prefix: str) -> Sequence:
+                return self._side(sample, prefix, DOCUMENT)[0]
+
+            sequences = [self.renderer.encode(QUERY, [], query_text), encode("pos")]
         meta = json.loads(sample["json"]) if sample.get("json") else {}
         scores = [float(meta.get("positive_score", 0.0))]
-        negatives, mask = [], []
+        mask = []
         for i in range(self.negatives):
             prefix = f"neg{i}"
-            if any(k.startswith(prefix + ".") for k in sample):
-                negatives.append(self._side(sample, prefix, DOCUMENT)[0])
-                mask.append(True)
-            else:
-                negatives.append(self.renderer.placeholder())
-                mask.append(False)
+            present = any(k.startswith(prefix + ".") for k in sample)
+            sequences.append(encode(prefix) if present else self.renderer.placeholder())
+            mask.append(present)
         given = list(meta.get("negative_scores", []))
         scores += [float(given[i]) if i < len(given) else 0.0 for i in range(self.negatives)]
-        return {"sequences": [query, positive, *negatives], "negative_mask": mask, "scores": scores}, query_text
+        return {"sequences": sequences, "negative_mask": mask, "scores": scores}, query_text
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Decoded samples -> the batch tensors (see the module docstring)."""

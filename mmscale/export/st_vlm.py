@@ -151,9 +151,12 @@ def write_vlm_cross_encoder(model: nn.Module, spec: Any, processor: Any, out: Pa
                                                  "module_input_name": "causal_logits"})
     _json(out / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": TRANSFORMER},
                                  {"idx": 1, "name": "1", "path": "1_LogitScore", "type": LOGIT_SCORE}])
-    prompt = {"query": model.preprocess.query_prompt} if model.preprocess.query_prompt else {}
-    _json(out / "config_sentence_transformers.json",
-          model_config("CrossEncoder", {**prompt, **(prompts or {})}, activation_fn=IDENTITY))
+    # The instruction is the system message of every pair, as in training: the default prompt.
+    instruction = model.preprocess.query_prompt
+    extra = {"default_prompt_name": "instruction"} if instruction else {}
+    _json(out / "config_sentence_transformers.json", model_config(
+        "CrossEncoder", {**({"instruction": instruction} if instruction else {}), **(prompts or {})},
+        activation_fn=IDENTITY, **extra))
 
 
 def write_vlm_format(name: str, model: nn.Module, spec: Any, processor: Any, folder: Path, dtype: str,

@@ -86,3 +86,31 @@ class VlmContrastiveLoss(ContrastiveLoss):
 def build_vlm_loss(loss_cfg: LossConfig) -> VlmContrastiveLoss:
     """The loss callable of a VLM run's `loss` section."""
     return VlmContrastiveLoss(loss_cfg.kind, loss_cfg.matryoshka_dims, loss_cfg.matryoshka_weights)
+
+
+def group_rerank_loss(scores: torch.Tensor, negative_mask: torch.Tensor | None = None,
+                      teacher: torch.Tensor | None = None, *, listwise_weight: float = 1.0, distill_weight: float = 1.0,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reranker's loss on groups [B, G] (positive first): listwise softmax cross-entropy plus T^2 KL(teacher || student).
+
+    As `losses.ranking.rerank_loss`, with a group's absent negatives (`negative_mask` [B, G - 1]
+    False) left out of both softmaxes, and the parts kept as tensors (no host sync).
+    """
+    scores = scores.float()
+    valid = torch.ones_like(scores, dtype=torch.bool)
+    if negative_mask is not None:
+        valid[:, 1:] = negative_mask.bool()
+    masked = scores.masked_fill(~valid, float("-inf"))
+    listwise = F.cross_entropy(masked, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+    parts = {"listwise": listwise.detach()}
+    total = listwise_weight * listwise
+    if teacher is not None and distill_weight > 0:
+        t = float(temperature)
+        log_t = F.log_softmax(teacher.float().masked_fill(~valid, float("-inf")) / t, dim=-1)
+        log_s = F.log_softmax(masked / t, dim=-1)
+        kl = torch.where(valid, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s)).sum(-1).mean() * t * t
+        parts["distill"] = kl.detach()
+        total = total + distill_weight * kl
+    parts["loss"] = total.detach()
+    parts["accuracy"] = (masked.argmax(-1) == 0).float().mean().detach()
+    return total, parts

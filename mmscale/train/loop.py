@@ -55,7 +55,7 @@ def _setup_logging(rank: int) -> None:
 class Trainer:
     """Owns the engine, the data, the checkpointer and the monitor of one training run."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, task_class: type | None = None) -> None:
         from mmscale.data import build_train_loader
         from mmscale.data.manifest import COUNTS_CACHE_NAME
         from mmscale.losses import build_loss
@@ -80,10 +80,10 @@ class Trainer:
         # A resumed run's weights come from its checkpoint: the pretrained source is not read again.
         resuming = resolve_resume(t.resume, self.output_dir) is not None
         self.task = None  # [vlm] model.kind=vlm: model, loader, step and evaluation from mmscale/train/vlm_step.py
-        if cfg.model.kind == "vlm":  # [vlm]
+        if task_class is not None or cfg.model.kind == "vlm":  # [vlm] (task_class: VlmRerankTask from rerank.py)
             from mmscale.train.vlm_step import VlmTask  # [vlm]
 
-            self.task = VlmTask(cfg, pretrained=not resuming)  # [vlm] also inlines the model's shape into cfg
+            self.task = (task_class or VlmTask)(cfg, pretrained=not resuming)  # [vlm] inlines the model's shape
             model, self.tokenizer = self.task.model, self.task.processor  # [vlm]
         else:
             self.tokenizer = load_tokenizer(cfg.model.text)
@@ -371,9 +371,9 @@ class Trainer:
         return code
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, task_class: type | None = None) -> int:
     """Run `mmscale train`: returns 0 when done or preempted (a checkpoint was saved), non-zero otherwise."""
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, task_class)
     try:
         return trainer.fit()
     finally:

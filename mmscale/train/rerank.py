@@ -113,6 +113,11 @@ def train_reranker(cfg: Config) -> int:
     from mmscale.train.checkpoint import Checkpointer, resolve_resume
     from mmscale.train.engine import build_engine
 
+    if cfg.model.kind == "vlm":  # [vlm] a VLM cross-encoder: the first stage's trainer with the rerank task
+        from mmscale.train.loop import train  # [vlm]
+        from mmscale.train.vlm_step import VlmRerankTask, vlm_rerank_run_config  # [vlm]
+
+        return train(vlm_rerank_run_config(cfg), task_class=VlmRerankTask)  # [vlm]
     if not cfg.mine.checkpoint:
         raise ValueError("mine.checkpoint: the bi-encoder whose towers start the reranker (and that mined)")
     info = distributed.init_distributed(cfg.train.timeout_s)
