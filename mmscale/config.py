@@ -28,7 +28,7 @@ RESIZE_MODES = ("shortest", "squash")
 POOLINGS = ("cls", "mean", "eos", "last")
 PROJECTIONS = ("linear", "linear_bias", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-INIT_FORMATS = ("", "transformers", "open_clip", "timm", "sentence_transformers")
+INIT_FORMATS = ("", "transformers", "open_clip", "timm", "sentence_transformers", "mmscale")
 MODEL_KINDS = ("dual_encoder", "vlm")
 VLM_PROMPT_FORMATS = ("chat", "plain")
 VLM_PROJECTIONS = ("none", "linear", "linear_bias")
@@ -136,6 +136,10 @@ class DataConfig:
     shard_retries: int = 3  # attempts to open an unreachable shard before it is skipped
     shard_retry_delay: float = 0.5  # seconds before the first retry of a shard, doubling after each
     prefetch_factor: int = 4  # batches each worker prepares ahead
+    hard_negatives: int = 0  # K: batches carry the first K mined negatives of each group sample (`mmscale mine` group shards), masked where a group has fewer or a sample is a plain pair; 0: off (a group reads as its caption and positive)
+    multi_caption: bool = False  # the caption member holds several captions (one per line, or a JSON list): each epoch uses one per image, in a seeded order (each once every n epochs); evaluation uses the first
+    text_pairs: str = ""  # shards of text pairs (KEY.txt query, KEY.pos.txt document, no image), drawn with replacement into batches of their own; sources joined by `::`
+    text_pairs_share: float = 0.0  # share of the steps that are text-pair batches (a seeded schedule shared by every rank); needs data.text_pairs
 
 
 @dataclass
@@ -209,7 +213,6 @@ class VlmConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (peft) on the language model; the vision encoder trains fully unless vision_locked
     grad_checkpointing: bool = False  # recompute activations in backward (both encoders): less memory, more compute
     attn_implementation: str = ""  # eager | sdpa | flash_attention_2; empty: transformers' default (sdpa)
-    negatives: int = 0  # hard negatives per query from mined group shards (KEY.txt, KEY.pos.*, KEY.neg0.* ...), extra documents in the loss; 0: (query, document) pairs
     yes_token: str = "yes"  # reranker: the relevance score is logit(yes_token) - logit(no_token) at the last position
     no_token: str = "no"  # reranker: the token whose logit is subtracted
 
@@ -219,8 +222,8 @@ class ModelConfig:
     """The dual encoder: two towers projected into one space."""
 
     kind: str = "dual_encoder"  # dual_encoder (a timm image tower + a transformers text tower) | vlm (one vision-language model for both sides: model.vlm)
-    init_from: str = ""  # start from a pretrained model: a hub name or folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG_OR_FILE), a sentence-transformers folder, or timm:NAME[:FILE] (the vision tower)
-    init_format: str = ""  # the source's format where a folder holds several: transformers | open_clip | timm | sentence_transformers; empty: recognised from what is there
+    init_from: str = ""  # start from a pretrained model: a hub name or folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG_OR_FILE), a sentence-transformers folder, timm:NAME[:FILE] (the vision tower), or an mmscale run, checkpoint or export (a later round from an earlier one's weights)
+    init_format: str = ""  # the source's format where a folder holds several: transformers | open_clip | timm | sentence_transformers | mmscale; empty: recognised from what is there
     embed_dim: int = 256  # shared embedding size both towers project to
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -238,6 +241,7 @@ class LossConfig:
     kind: str = "clip"  # clip (symmetric InfoNCE) | siglip (pairwise sigmoid)
     matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [64, 128]; full dim always kept
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; default all 1
+    text_pair_weight: float = 1.0  # weight of the text-text loss on text-pair batches (data.text_pairs)
 
 
 @dataclass
@@ -549,10 +553,23 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             f"has {len(d.train_weights)} weights for {n_sources} sources in data.train",
         )
         _check(all(w > 0 for w in d.train_weights), "data.train_weights", "weights must be > 0")
+    _check(d.hard_negatives >= 0, "data.hard_negatives", f"must be >= 0 (0: off), got {d.hard_negatives}")
+    if d.text_pairs.strip():
+        _check(0 < d.text_pairs_share < 1, "data.text_pairs_share",
+               f"must be in (0, 1) with data.text_pairs set (the share of steps that are text-pair batches), "
+               f"got {d.text_pairs_share}")
+    else:
+        _check(d.text_pairs_share == 0, "data.text_pairs_share",
+               f"is {d.text_pairs_share} but data.text_pairs names no shards")
 
     _one_of(m.kind, MODEL_KINDS, "model.kind")
     if m.kind == "vlm":
         _validate_vlm(m)
+        # A VLM sample declares its sides itself (query.* / doc.*: text, image or both), so a text pair
+        # is an ordinary sample of data.train; several captions per image are not read.
+        _check(not d.text_pairs.strip(), "data.text_pairs", "is for two towers; with model.kind=vlm put text pairs "
+               "(query.txt + doc.txt, or KEY.txt + KEY.pos.txt) in data.train")
+        _check(not d.multi_caption, "data.multi_caption", "is not read by model.kind=vlm (one query per sample)")
     _check(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _check(m.vision.image_size >= 8, "model.vision.image_size", f"too small: {m.vision.image_size}")
     _one_of(m.vision.resize, RESIZE_MODES, "model.vision.resize")
@@ -590,6 +607,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         f"{m.init_logit_scale} exceeds model.max_logit_scale {m.max_logit_scale}",
     )
     _one_of(lo.kind, ("clip", "siglip"), "loss.kind")
+    _check(lo.text_pair_weight > 0, "loss.text_pair_weight", f"must be > 0, got {lo.text_pair_weight}")
     # A VLM without projection embeds at its hidden size, known once its config is read (checked at build).
     embed_dim_known = m.kind != "vlm" or m.vlm.proj != "none"
     for i, dim in enumerate(lo.matryoshka_dims):
@@ -668,7 +686,6 @@ def _validate_vlm(m: ModelConfig) -> None:
     _one_of(v.proj, VLM_PROJECTIONS, "model.vlm.proj")
     _one_of(v.attn_implementation, ATTN_IMPLEMENTATIONS, "model.vlm.attn_implementation")
     _check(v.max_text_tokens > 0, "model.vlm.max_text_tokens", f"must be > 0, got {v.max_text_tokens}")
-    _check(v.negatives >= 0, "model.vlm.negatives", f"must be >= 0 (0: no hard negatives), got {v.negatives}")
     _check(v.lora.rank >= 0, "model.vlm.lora.rank", f"must be >= 0 (0: no adapters), got {v.lora.rank}")
     _check(v.lora.alpha > 0, "model.vlm.lora.alpha", f"must be > 0, got {v.lora.alpha}")
     _check(0 <= v.lora.dropout < 1, "model.vlm.lora.dropout", f"must be in [0, 1), got {v.lora.dropout}")

@@ -172,6 +172,7 @@ def _evaluate(model, urls, *, tokenizer, preprocess, max_length, eval_cfg, data_
         image_keys=data_cfg.image_keys,
         text_key=data_cfg.text_key,
         max_pixels=data_cfg.max_pixels,
+        multi_caption=data_cfg.multi_caption,  # several captions per image: evaluated with the first
     )
     was_training = model.training
     model.eval()

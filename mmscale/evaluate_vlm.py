@@ -176,12 +176,11 @@ def run_vlm_rerank_eval(args: Any, loaded: Any, checkpoint: dict[str, Any], devi
     from pathlib import Path
 
     from mmscale.data.decode import parse_image_keys
-    from mmscale.data.vlm import VlmCodec, VlmRenderer
+    from mmscale.data.vlm import VlmCodec, VlmRenderer, vision_tokens
     from mmscale.evaluate import resolve_trained
     from mmscale.inference_vlm import VlmRerankerModel
     from mmscale.models.load import load_model
     from mmscale.retrieval.rerank_eval import format_rerank_table
-    from mmscale.train.vlm_step import vision_tokens
 
     model = loaded.model.to(device)
     processor = loaded.tokenizer()
@@ -217,8 +216,7 @@ def run_vlm_eval(args: Any, loaded: Any, checkpoint: dict[str, Any], device: tor
     from pathlib import Path
 
     from mmscale.data.decode import parse_image_keys
-    from mmscale.data.vlm import VlmCodec, VlmRenderer
-    from mmscale.train.vlm_step import vision_tokens
+    from mmscale.data.vlm import VlmCodec, VlmRenderer, vision_tokens
 
     if getattr(args, "reranker", ""):
         return run_vlm_rerank_eval(args, loaded, checkpoint, device)

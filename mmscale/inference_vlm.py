@@ -54,7 +54,7 @@ class VlmEmbeddingModel:
     kind = "vlm"
 
     def __init__(self, model: nn.Module, processor: Any, device: str = "cpu") -> None:
-        from mmscale.train.vlm_step import vision_tokens
+        from mmscale.data.vlm import vision_tokens
 
         self.model = model.eval().to(device)
         self.processor = processor

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mmscale import distributed
+from mmscale.errors import BadInputError
 from mmscale.retrieval.corpus import build_corpus
 from mmscale.retrieval.encode import encode_shards
 from mmscale.retrieval.groups import GROUPS_DIR, prepare_groups_dir, write_group_shards
@@ -124,7 +125,7 @@ def _check_output(out: Path, overwrite: bool, groups: bool) -> None:
             error = str(exc)
     error = distributed.broadcast_object(error)
     if error:
-        raise FileExistsError(error)
+        raise BadInputError(error)  # one line, exit 2, on every rank
 
 
 def _sum_counts(parts: list[dict]) -> dict[str, int]:

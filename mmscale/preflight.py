@@ -210,6 +210,8 @@ def _check_data(cfg: Config, ctx: Context) -> list[Finding]:
     if ctx.stage == "train":
         findings = check_shards(cfg.data.train, "data.train", world_size=ctx.world_size,
                                 epoch_mode=cfg.data.mode == "epoch")  # fmt: skip
+        if cfg.data.text_pairs.strip():
+            findings += check_shards(cfg.data.text_pairs, "data.text_pairs")
     else:  # mining reads, and the reranker takes its images from, mine.data (default data.train)
         key = "mine.data" if cfg.mine.data else "data.train"
         findings = check_shards(cfg.mine.data or cfg.data.train, key)
@@ -399,7 +401,7 @@ def _check_mined(cfg: Config, ctx: Context) -> list[Finding]:
 
     key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
     if cfg.model.kind == "vlm":  # [vlm] a VLM cross-encoder reads the group shards
-        from mmscale.train.vlm_step import mined_groups
+        from mmscale.train.vlm_rerank import mined_groups
 
         return check_shards(mined_groups(cfg), key)
     path = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)

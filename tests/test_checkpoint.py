@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,34 @@ def test_save_commit_prune_and_exact_load(tmp_path, engine_factory):
     # Optimizer state came back too: the same two steps give bit-identical weights.
     _train(other, 2, seed=9)
     assert all(torch.equal(a, b) for a, b in zip(after_saved, _params(other)))
+
+
+def test_ranks_wait_for_the_universal_conversion_without_a_collective(tmp_path, monkeypatch):
+    """Rank 0 converts; the others watch the filesystem (no 30-minute barrier), and hear of a failure or a death."""
+    import threading
+
+    from mmscale.train import checkpoint as ck
+
+    out = tmp_path / "universal-step_00000001"
+    beat, failed = tmp_path / ".converting-step_00000001", tmp_path / ".conversion-failed-step_00000001"
+
+    def finish_later():
+        time.sleep(0.3)
+        out.mkdir()
+        (out / ck.COMPLETE_MARKER).write_text("{}")
+
+    beat.write_text("1")
+    threading.Thread(target=finish_later).start()
+    ck._wait_for_conversion(out, beat, failed, poll_s=0.05)  # returns once the copy is complete
+
+    other = tmp_path / "universal-step_00000002"
+    failed2 = tmp_path / ".conversion-failed-step_00000002"
+    failed2.write_text("step_00000002: the conversion failed (disk full); delete it")
+    with pytest.raises(ck.CheckpointError, match="disk full"):
+        ck._wait_for_conversion(other, beat, failed2, poll_s=0.05)
+
+    monkeypatch.setattr(ck, "CONVERSION_STALE_S", 0.2)
+    old = time.time() - 10
+    os.utime(beat, (old, old))  # rank 0's heartbeat stopped
+    with pytest.raises(ck.CheckpointError, match="stopped converting"):
+        ck._wait_for_conversion(other, beat, tmp_path / "none", poll_s=0.05)

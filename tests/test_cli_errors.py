@@ -153,9 +153,11 @@ def test_a_rank_that_fails_prints_one_line_and_its_code_reaches_the_user(run, da
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    for rank in ("[rank 0] ", "[rank 1] "):
-        lines = [line for line in out.splitlines() if line.startswith(f"mmscale: {rank}")]
-        assert lines and f"{optim}: truncated or damaged" in lines[0], out[-3000:]
+    # The first rank to fail prints its line and exits; the launcher then kills the others, which may
+    # or may not have printed theirs yet. Every line that does appear is the one-line message.
+    lines = [line for line in out.splitlines() if line.startswith("mmscale: [rank ")]
+    assert lines, out[-3000:]
+    assert all(f"{optim}: truncated or damaged" in line for line in lines), out[-3000:]
 
 
 def test_checkpointer_load_names_the_file_whatever_fails(run, tmp_path):

@@ -35,10 +35,9 @@ SCRIPT = textwrap.dedent(
     from mmscale.train import loop
 
     for overrides in json.loads(sys.argv[2]):
-        trainer = loop.Trainer(validate_world(load_config(sys.argv[1], overrides), 1))
+        trainer = loop.Trainer(loop.BiEncoderStage(validate_world(load_config(sys.argv[1], overrides), 1)))
         code = trainer.fit()
-        if trainer._keys_log is not None:
-            trainer._keys_log.close()
+        trainer.close()
         assert code == 0, code
     """
 )

@@ -4,7 +4,8 @@ The ranks compute on `cpu:0` (MMSCALE_DEVICE) and a checker follows which tensor
 leaves on the host, as a GPU's device would show: a collective on one, or an op mixing one with a
 device tensor, fails the run, and every host read of a device tensor is counted by call site. The
 training step must make no host read per chunk: each site in the step's code runs at most once
-per step, although every step has 4 chunks per rank.
+per step, although every step has at least 4 chunks per rank. The run mixes plain pairs with mined
+groups (2 hard negatives per caption: 12 image chunks per rank) and text-pair steps.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from mmscale.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, CHUNKS = 4, 4
+STEPS, CHUNKS = 5, 4  # steps 1, 3, 4 are text-pair steps, 2 and 5 image-text steps (data.text_pairs_share=0.3)
 STEP_CODE = ("mmscale/train/gradcache.py", "mmscale/models/", "mmscale/losses/")
 
 
@@ -37,20 +38,29 @@ def reports(report_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_rank_training_obeys_the_device_rules(tmp_path):
+    from tests.test_data_groups import write_groups
+    from tests.test_data_kinds import write_text_pairs
     from tools.make_demo_data import make_demo_data
 
     make_demo_data(tmp_path / "data", train_samples=64, val_samples=32, samples_per_shard=16, seed=0, image_size=32)
+    write_groups(tmp_path / "groups", 32, per_shard=8, num_negatives=3)
+    write_text_pairs(tmp_path / "pairs", shards=2, per_shard=16)
     report_dir = tmp_path / "reports"
     report_dir.mkdir()
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
            "--module", "mmscale", "train", str(ROOT / "launch/configs/tiny.yaml"), f"output_dir={tmp_path / 'run'}",
-           f"data.train={tmp_path / 'data' / 'train'}", f"data.val={tmp_path / 'data' / 'val'}", "data.workers=1",
+           f"data.train={tmp_path / 'data' / 'train'}::{tmp_path / 'groups'}", "data.hard_negatives=2",
+           f"data.text_pairs={tmp_path / 'pairs'}", "data.text_pairs_share=0.3",
+           f"data.val={tmp_path / 'data' / 'val'}", "data.workers=1",
            f"train.steps={STEPS}", "train.global_batch_size=16", f"train.chunk_size={16 // 2 // CHUNKS}",
            "train.zero_stage=3", "train.precision=bf16", "train.grad_reduction=per_chunk", "train.save_every=2",
            "train.eval_every=2", "train.log_every=1"]  # fmt: skip
     proc = subprocess.run(cmd, env=checked_env(report_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert sum("loss_text_pairs" in r for r in steps) == 3 and sum("hard_negatives" in r for r in steps) == 2
     ranks = [r for r in reports(report_dir) if r["rank"] in ("0", "1")]
     assert {r["rank"] for r in ranks} >= {"0", "1"}
     for r in ranks:
@@ -61,6 +71,23 @@ def test_two_rank_training_obeys_the_device_rules(tmp_path):
         # are outside the step's code, except the text tower's cut of each evaluation batch.)
         per_chunk = {s: n for s, n in step_syncs.items() if n > STEPS and "towers.py" not in s}
         assert per_chunk == {}, per_chunk
+
+    # The second stage's collective paths under the same rules: mining (every rank searches its
+    # captions against the corpus, broadcast part by part; group shards exchanged) and `mmscale eval`.
+    for command in (["mine", str(ROOT / "launch/configs/tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                     f"mine.checkpoint={tmp_path / 'run'}", f"data.train={tmp_path / 'data' / 'train'}",
+                     "mine.range_max=8", "mine.num_negatives=2", "data.workers=1"],
+                    ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "data" / "val"), "--batch-size", "8"]):
+        for old in report_dir.glob("*.json"):
+            old.unlink()
+        cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+               "--module", "mmscale", *command]
+        proc = subprocess.run(cmd, env=checked_env(report_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        ranks = [r for r in reports(report_dir) if r["rank"] in ("0", "1")]
+        assert {r["rank"] for r in ranks} >= {"0", "1"}, command[0]
+        for r in ranks:
+            assert r["violations"] == [], (command[0], r["violations"])
 
 
 OLD_CODE = """

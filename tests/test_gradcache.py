@@ -5,6 +5,10 @@ process computes the same step in plain torch on all 16 samples with the losses 
 densely here. Every parameter's full gradient (gathered from the ZeRO partitions, the logit
 scale included) and every parameter after one SGD step must agree to 1e-5 (relative to the tensor's
 largest entry where that exceeds 1).
+
+Hard-negative batches (each caption with K = 2 mined negative images: 6 image chunks and 2 caption
+chunks per rank) and text-pair batches (queries and documents, both through the text tower: 4 text
+chunks, no image) are checked the same way against losses written out here from their formulas.
 """
 
 from __future__ import annotations
@@ -86,7 +90,37 @@ BF16_CASES: dict[str, tuple[list[str], bool]] = {
     "bf16_zero3_per_chunk": (["train.zero_stage=3", "train.grad_reduction=per_chunk", *BF16], False),
     "bf16_zero2_plain": (["train.zero_stage=2", "train.gradcache=false", *BF16], False),
 }
-ALL_CASES = {**CASES, **BF16_CASES}
+# Hard negatives (K = 2 per caption) and text pairs; `masked` batches have padding slots and negatives
+# that are another caption's own positive image (by id), both of which must contribute nothing.
+HN = [*NO_DROPOUT]
+NEGATIVE_CASES: dict[str, tuple[list[str], bool]] = {
+    "neg_zero0_clip": (["train.zero_stage=0", *HN], False),
+    "neg_zero1_clip_masked": (["train.zero_stage=1", *HN], False),
+    "neg_zero2_clip": (["train.zero_stage=2", *HN], False),
+    "neg_zero2_clip_masked": (["train.zero_stage=2", *HN], False),
+    "neg_zero3_clip_masked": (["train.zero_stage=3", *HN], False),
+    "neg_zero2_clip_masked_per_chunk": (["train.zero_stage=2", "train.grad_reduction=per_chunk", *HN], False),
+    "neg_zero3_clip_masked_per_chunk_matryoshka": (
+        ["train.zero_stage=3", "train.grad_reduction=per_chunk", "loss.matryoshka_dims=[8,16]",
+         "loss.matryoshka_weights=[0.5,2.0]", *HN], False),
+    "neg_zero2_siglip_masked": (["train.zero_stage=2", *SIGLIP, *HN], False),
+    "neg_zero3_siglip_masked_matryoshka": (["train.zero_stage=3", *SIGLIP, "loss.matryoshka_dims=[8,16]", *HN], False),
+    "neg_zero2_lit_vision_masked": (["train.zero_stage=2", "model.vision.locked=true", *HN], False),
+    "neg_zero3_plain_masked": (["train.zero_stage=3", "train.gradcache=false", *HN], False),
+    "pairs_zero2_clip": (["train.zero_stage=2", "loss.text_pair_weight=0.5", *HN], False),
+    "pairs_zero3_clip_per_chunk": (["train.zero_stage=3", "train.grad_reduction=per_chunk", *HN], False),
+    "pairs_zero1_siglip_matryoshka": (["train.zero_stage=1", *SIGLIP, "loss.matryoshka_dims=[8]", *HN], False),
+    "pairs_zero2_plain": (["train.zero_stage=2", "train.gradcache=false", *HN], False),
+}
+BF16_NEGATIVE_CASES: dict[str, tuple[list[str], bool]] = {
+    "neg_bf16_zero2_coalesced_masked": (["train.zero_stage=2", *BF16], False),
+    "neg_bf16_zero3_per_chunk_masked": (["train.zero_stage=3", "train.grad_reduction=per_chunk", *BF16], False),
+    "neg_bf16_zero2_plain_masked": (["train.zero_stage=2", "train.gradcache=false", *BF16], False),
+    "pairs_bf16_zero2_coalesced": (["train.zero_stage=2", *BF16], False),
+    "pairs_bf16_zero2_plain": (["train.zero_stage=2", "train.gradcache=false", *BF16], False),
+}
+ALL_CASES = {**CASES, **BF16_CASES, **NEGATIVE_CASES, **BF16_NEGATIVE_CASES}
+K = 2
 
 
 def case_config(name: str):
@@ -104,15 +138,35 @@ def case_config(name: str):
     return load_config("launch/configs/tiny.yaml", base + overrides)
 
 
-def global_batch() -> dict[str, torch.Tensor]:
+def global_batch(name: str = "") -> dict[str, torch.Tensor]:
+    """The 16 samples of a case: pairs; with K negatives each (`neg_*`); or text pairs (`pairs_*`)."""
     g = torch.Generator().manual_seed(123)
     n, length = WORLD * PER_RANK, 16
     mask = (torch.arange(length)[None] < torch.randint(4, length + 1, (n, 1), generator=g)).long()
-    return {
+    batch = {
         "pixel_values": torch.randn(n, 3, 32, 32, generator=g),
         "input_ids": torch.randint(1000, 5000, (n, length), generator=g) * mask,
         "attention_mask": mask,
     }
+    if name.startswith("pairs_"):
+        doc_mask = (torch.arange(length)[None] < torch.randint(2, length + 1, (n, 1), generator=g)).long()
+        return {"input_ids": batch["input_ids"], "attention_mask": mask,
+                "doc_input_ids": torch.randint(1000, 5000, (n, length), generator=g) * doc_mask,
+                "doc_attention_mask": doc_mask}
+    if name.startswith("neg_"):
+        batch["negative_pixels"] = torch.randn(n, K, 3, 32, 32, generator=g)
+        batch["negative_mask"] = torch.ones(n, K, dtype=torch.bool)
+        batch["image_ids"] = torch.randint(1, 2**62, (n, 1 + K), generator=g)
+        if "masked" in name:
+            batch["negative_mask"][[1, 5, 10], 1] = False  # groups with one negative, on both ranks
+            batch["negative_mask"][12] = False  # a plain pair among groups: nothing but padding
+            batch["negative_pixels"][~batch["negative_mask"]] = 0.0
+            # Another caption's own positive among a row's negatives, across ranks and within one:
+            # row 2's first negative is row 9's positive, row 14's second is row 11's.
+            for row, slot, owner in ((2, 0, 9), (14, 1, 11)):
+                batch["negative_pixels"][row, slot] = batch["pixel_values"][owner]
+                batch["image_ids"][row, 1 + slot] = batch["image_ids"][owner, 0]
+    return batch
 
 
 def rank_seed(rank: int) -> int:
@@ -144,6 +198,44 @@ def dense_loss(cfg, img, txt, scale, bias):
     return total
 
 
+def dense_hard_negative_loss(cfg, img, txt, neg, neg_mask, ids, scale, bias):
+    """The full-batch loss with hard negatives, from the formulas, with an explicit candidate list per caption.
+
+    CLIP: caption g's candidates are the N positives and every real negative of the batch whose id is
+    not g's positive's; images -> texts as plain CLIP. SigLIP: positives as plain SigLIP, and each
+    real negative a z = -1 pair with every caption whose positive it is not; the sum over N.
+    """
+    n, k = neg_mask.shape
+    flat_neg, flat_mask, flat_ids = neg.reshape(n * k, -1), neg_mask.reshape(-1), ids[:, 1:].reshape(-1)
+
+    def one(a, b, m):
+        if cfg.loss.kind == "clip":
+            t2i = []
+            for g in range(n):
+                kept = [m[j] for j in range(n * k) if flat_mask[j] and flat_ids[j] != ids[g, 0]]
+                candidates = torch.stack([*a, *kept])
+                logits = scale * b[g] @ candidates.T
+                t2i.append(torch.logsumexp(logits, 0) - logits[g])
+            i2t = -(scale * a @ b.T).log_softmax(1).diag()
+            return (torch.stack(t2i).mean() + i2t.mean()) / 2
+        images = torch.cat([a, m])  # [N + N*K] images, each against every caption
+        z = torch.cat([2 * torch.eye(n) - 1, -torch.ones(n * k, n)])
+        for j in range(n * k):
+            for g in range(n):
+                if not flat_mask[j] or flat_ids[j] == ids[g, 0]:
+                    z[n + j, g] = 0  # no pair at all
+        logits = scale * images @ b.T + bias
+        return -(torch.log(torch.sigmoid(z * logits)) * (z != 0)).sum() / n
+
+    total = one(img, txt, flat_neg)
+    weights = cfg.loss.matryoshka_weights or [1.0] * len(cfg.loss.matryoshka_dims)
+    for dim, w in zip(cfg.loss.matryoshka_dims, weights):
+        if dim < img.shape[1]:
+            cut = [F.normalize(x[:, :dim], dim=-1) for x in (img, txt, flat_neg)]
+            total = total + w * one(*cut)
+    return total
+
+
 def reference_step(name: str, config_fn=None) -> dict:
     """Plain torch, one process: loss on all 16 samples, full gradients, params after one SGD step.
 
@@ -153,7 +245,9 @@ def reference_step(name: str, config_fn=None) -> dict:
     if cfg.train.precision == "bf16":
         cfg.train.precision = "fp32"  # the reference is the exact fp32 step
     model = new_model(cfg).train()
-    batch = global_batch()
+    batch = global_batch(name)
+    if name.startswith(("neg_", "pairs_")):
+        return _finish_reference(model, dense_special_loss(cfg, model, batch))
     if dropout:
         # Same masks as the ranks draw: rank r's seed, chunk by chunk; a chunk's images are the next
         # CHUNK rows, its captions the next CHUNK of the rank's captions sorted by length (longest
@@ -178,8 +272,28 @@ def reference_step(name: str, config_fn=None) -> dict:
         out = model(**batch)
         img, txt = out["image_emb"], out["text_emb"]
     scale, bias = model.scale_and_bias()
-    loss = dense_loss(cfg, img, txt, scale, bias)
+    return _finish_reference(model, dense_loss(cfg, img, txt, scale, bias))
+
+
+def dense_special_loss(cfg, model, batch):
+    """The whole batch's hard-negative or text-pair loss, every row encoded in one forward per stream."""
+    scale, bias = model.scale_and_bias()
+    queries = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["text_emb"]
+    if "doc_input_ids" in batch:
+        docs = model(input_ids=batch["doc_input_ids"], attention_mask=batch["doc_attention_mask"])["text_emb"]
+        return cfg.loss.text_pair_weight * dense_loss(cfg, docs, queries, scale, bias)
+    n = batch["pixel_values"].shape[0]
+    images = model(pixel_values=torch.cat([batch["pixel_values"], batch["negative_pixels"].flatten(0, 1)]))["image_emb"]
+    negatives = images[n:].view(n, K, -1)
+    return dense_hard_negative_loss(cfg, images[:n], queries, negatives, batch["negative_mask"], batch["image_ids"],
+                                    scale, bias)
+
+
+def _finish_reference(model, loss) -> dict:
     loss.backward()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)  # a text-pair step reaches no image parameter: its gradient is 0
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = {n: (p - LR * p.grad if p.requires_grad else p).detach() for n, p in model.named_parameters()}
     return {"loss": loss.item(), "grads": grads, "params": params}
@@ -210,8 +324,8 @@ def _rank_worker(rank: int, port: int, out_dir: str, names: list[str], config_fn
 
     deepspeed.init_distributed(dist_backend="gloo")
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-    batch = {k: v[rows] for k, v in global_batch().items()}
     for name in names:
+        batch = {k: v[rows] for k, v in global_batch(name).items()}
         cfg = config_fn(name)[0] if config_fn is not None else case_config(name)
         ds = build_ds_config(cfg, WORLD)
         if cfg.train.zero_stage == 3:
@@ -349,3 +463,66 @@ def test_bf16_keeps_the_temperature_in_fp32(rank_results, name):
     want = 2.6592600369644165 - LR * got["grads"]["logit_scale"].float().reshape(()).item()
     assert master.item() == pytest.approx(want, abs=1e-6)
     assert master.bfloat16().float().item() != pytest.approx(master.item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- hard negatives, text pairs
+
+
+def expected_forwards(name: str) -> dict[str, int]:
+    """Tower forwards per rank: the cached step re-runs every chunk but the kept last one (a locked tower none).
+
+    Hard negatives: 6 image chunks (2 of positives, 4 of negatives) and 2 caption chunks, the last
+    chunk images only. Text pairs: 4 text chunks (queries and documents grouped by length), no image.
+    """
+    cfg = case_config(name)
+    image_chunks = PER_RANK * (1 + K) // CHUNK if name.startswith("neg_") else 0
+    text_chunks = PER_RANK // CHUNK * (2 if name.startswith("pairs_") else 1)
+    if not cfg.train.gradcache:
+        return {"visual": image_chunks, "text": text_chunks}
+    chunks = max(image_chunks, text_chunks)
+    visual = image_chunks if cfg.model.vision.locked else image_chunks + min(image_chunks, chunks - 1)
+    text = text_chunks + (text_chunks - (text_chunks == chunks))  # the kept chunk holds text only if it is a text chunk
+    return {"visual": visual, "text": text}
+
+
+@pytest.mark.parametrize("name", list(NEGATIVE_CASES))
+def test_hard_negative_and_text_pair_steps_match_the_dense_losses(rank_results, name):
+    got, ref = rank_results[name], reference_step(name)
+    assert got["result"]["finite"]
+    assert got["tower_calls"] == expected_forwards(name), got["tower_calls"]
+    if name.startswith("neg_"):
+        masked = "masked" in name
+        assert got["result"]["hard_negatives"].item() == pytest.approx(1.75 if masked else K)  # rank 0's rows
+    assert_matches_reference(got, ref)
+
+
+def test_masked_negatives_contribute_nothing():
+    """The dense reference's rules: padding changes nothing; a caption's own positive among the negatives is left out."""
+    for name in ("neg_zero2_clip_masked", "neg_zero2_siglip_masked"):
+        cfg = case_config(name)
+        model = new_model(cfg)
+        batch = global_batch(name)
+        base = dense_special_loss(cfg, model, batch).item()
+        moved = dict(batch, negative_pixels=batch["negative_pixels"].clone())
+        padding = ~batch["negative_mask"]
+        moved["negative_pixels"][padding] = torch.randn(int(padding.sum()), 3, 32, 32)  # other pixels behind the padding
+        assert dense_special_loss(cfg, model, moved).item() == pytest.approx(base, abs=1e-6)
+        unmasked = dict(batch, negative_mask=torch.ones_like(batch["negative_mask"]))
+        assert abs(dense_special_loss(cfg, model, unmasked).item() - base) > 1e-3  # the mask does matter
+        # Row 9's positive image, mined for row 2: unnoticed (another id), it would also be a negative of caption 9.
+        unnoticed = dict(batch, image_ids=batch["image_ids"].clone())
+        unnoticed["image_ids"][2, 1] = 7
+        assert dense_special_loss(cfg, model, unnoticed).item() > base + 1e-4
+
+
+@pytest.mark.parametrize("name", list(BF16_NEGATIVE_CASES))
+def test_bf16_hard_negative_and_text_pair_steps_track_the_fp32_step(rank_results, name):
+    got = rank_results[name]
+    assert got["result"]["finite"]
+    errors = relative_errors(got["grads"], reference_step(name)["grads"])
+    worst = max(errors, key=errors.get)
+    print(f"{name}: worst relative gradient error {errors[worst]:.2e} ({worst}); logit_scale {errors['logit_scale']:.2e}")
+    assert errors[worst] <= BF16_GRAD_TOL, (worst, errors[worst])
+    plain = "neg_bf16_zero2_plain_masked" if name.startswith("neg_") else "pairs_bf16_zero2_plain"
+    plain_errors = relative_errors(rank_results[plain]["grads"], reference_step(plain)["grads"])
+    assert max(errors.values()) <= BF16_CACHED_VS_PLAIN * max(plain_errors.values())

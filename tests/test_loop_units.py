@@ -31,3 +31,19 @@ def test_collectives_without_a_process_group():
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     t = torch.arange(6).view(3, 2)
     assert torch.equal(distributed.all_gather_padded(t), t)
+
+
+def test_changed_settings_names_what_defines_a_run_and_lets_cadence_change():
+    from mmscale.config import load_config, to_dict
+    from mmscale.train.loop import RESUME_MAY_CHANGE, changed_settings
+
+    saved = to_dict(load_config("launch/configs/tiny.yaml"))
+    same = to_dict(load_config("launch/configs/tiny.yaml", ["train.steps=500", "train.log_every=1",
+                                                             "train.save_every=7", "data.workers=0", "eval.batch_size=8"]))
+    assert changed_settings(saved, same) == []  # longer, logged and saved differently: the same run
+    other = to_dict(load_config("launch/configs/tiny.yaml", ["train.lr=0.1", "model.text.config.num_hidden_layers=1"]))
+    assert changed_settings(saved, other) == [
+        "model.text.config: " + repr(saved["model"]["text"]["config"]) + " -> " + repr(other["model"]["text"]["config"]),
+        "train.lr: 0.001 -> 0.1",
+    ]
+    assert changed_settings(saved, other, RESUME_MAY_CHANGE + ("train.lr", "model")) == []

@@ -175,12 +175,13 @@ def test_config_checks_cover_model_and_data(shards, hub):
     assert preflight(load_config(TINY, [*base, "model.text.name_or_path=nobody/nothing"]), "train", 2) == []
     cfg = load_config(TINY, [*base, "model.text.config={}", "model.text.tokenizer=",
                              "model.text.name_or_path=sentence-transformers/all-MiniLM-L6-v2",
-                             "model.vision.name=resnet_fifty", f"data.val={shards.parent / 'vla'}"])
+                             "model.vision.name=resnet_fifty", f"data.val={shards.parent / 'vla'}",
+                             f"data.text_pairs={shards.parent / 'pairz'}", "data.text_pairs_share=0.2"])
     with pytest.raises(PreflightError) as err:
         preflight(cfg, "train", 2)
     keys = [f.key for f in err.value.findings]
-    assert keys == ["data.val", "model.vision.name", "model.text.name_or_path"], str(err.value)
-    assert err.value.exit_code == 2 and len(str(err.value).splitlines()) == 3
+    assert keys == ["data.text_pairs", "data.val", "model.vision.name", "model.text.name_or_path"], str(err.value)
+    assert err.value.exit_code == 2 and len(str(err.value).splitlines()) == 4
 
 
 def test_checks_are_a_named_list_others_extend(shards, monkeypatch):

@@ -61,3 +61,18 @@ def test_weighted_sum_and_parts():
     assert set(parts) == {"listwise", "distill", "loss"}
     total, parts = rerank_loss(s, None)
     assert "distill" not in parts and total.item() == pytest.approx(_ref_listwise(SCORES), rel=1e-6)
+
+
+def test_absent_candidates_are_left_out_of_both_softmaxes():
+    # A group short of negatives (padded to G, `valid` False) is scored as the shorter group alone,
+    # with a finite gradient that is zero at the padding.
+    student = torch.tensor(SCORES, requires_grad=True)
+    teacher = torch.tensor([[1.0, 0.5, float("nan"), 0.0], [0.3, 0.2, 0.1, float("nan")]])
+    valid = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    loss, parts = rerank_loss(student, teacher, distill_weight=0.5, temperature=2.0, valid=valid)
+    rows = [[s for s, v in zip(r, m) if v] for r, m in zip(SCORES, valid.tolist())]
+    teach = [[s for s, v in zip(r, m) if v] for r, m in zip(teacher.tolist(), valid.tolist())]
+    assert parts["listwise"].item() == pytest.approx(_ref_listwise(rows), rel=1e-5)
+    assert parts["distill"].item() == pytest.approx(_ref_distill(rows, teach, 2.0), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and (student.grad[~valid] == 0).all()

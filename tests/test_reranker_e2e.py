@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import yaml
 
 from mmscale.config import from_dict, to_dict
 from mmscale.distributed import free_port
+from tests.test_resume import _rank_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,14 +62,21 @@ def write_bi_encoder_checkpoint(cfg_dict: dict, out: Path) -> Path:
     return step
 
 
-def launch(command: str, config: Path | str, *overrides: str, ranks: int = 2, timeout: int = 400):
+def launch(command: str, config: Path | str, *overrides: str, ranks: int = 2, timeout: int = 400, wait: bool = True):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     deepspeed = Path(sys.executable).parent / "deepspeed"
     args = [str(deepspeed), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port()),
             "--module", "mmscale", command, str(config), *overrides]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _loader_tokenizes_real_tokenizer() -> bool:
@@ -163,6 +173,45 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "group" not in r][-2:] == [17, 18]
     assert (run / "checkpoints/step_00000018/complete.json").is_file()
+
+    # The reranker trains on the first stage's Trainer: SIGTERM to one rank makes every rank save and exit 0,
+    # and the resumed run logs the uninterrupted run's losses to the last digit (same groups, same RNG).
+    cfg2 = {**cfg, "output_dir": str(tmp_path / "run2"), "rerank": {**cfg["rerank"], "mined": str(mined)}}
+    config2 = tmp_path / "run2.yaml"
+    config2.write_text(yaml.safe_dump(cfg2))
+    run2 = tmp_path / "run2/rerank"
+    proc = launch("rerank", config2, "data.val=", wait=False)
+    deadline = time.monotonic() + 300
+    while max((r["step"] for r in _records(run2) if "group" not in r), default=0) < 8:
+        assert proc.poll() is None and time.monotonic() < deadline, "the reranker ended before it could be signalled"
+        time.sleep(0.05)
+    os.kill(_rank_process(proc.pid, 1).pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "preemption signal received" in out, out[-3000:]
+    saved = max(int(p.name.split("_")[1]) for p in (run2 / "checkpoints").glob("step_*"))
+    assert 8 <= saved < 16
+    resume = launch("rerank", config2, "data.val=")
+    assert f"at step {saved}" in resume.stdout + resume.stderr
+    steps2 = [r["step"] for r in _records(run2) if "group" not in r]
+    assert steps2 == list(range(1, 17))  # the stopped run's steps past its checkpoint were dropped, none twice
+    resumed = {r["step"]: r["loss"] for r in _records(run2) if "group" not in r}
+    assert [resumed[s] for s in range(saved + 1, 17)] == losses[saved:]
+
+    # A finished run started again with other settings is refused (exit 2), and trains nothing ...
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run([sys.executable, "-m", "mmscale", "rerank", str(config2), "rerank.lr=0.01", "data.val="],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "holds a finished run (step 16 of 16)" in refused.stderr and "rerank.lr" in refused.stderr
+    assert [r["step"] for r in _records(run2) if "group" not in r] == steps2
+    # ... unless train.resume=none: the old run's files are kept aside and a new run starts.
+    fresh = subprocess.run([sys.executable, "-m", "mmscale", "rerank", str(config2), "rerank.lr=0.01", "data.val=",
+                            "rerank.steps=2", "train.resume=none"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [r["step"] for r in _records(run2) if "group" not in r] == [1, 2]
+    kept = list(run2.glob("checkpoints.before-*"))
+    assert len(kept) == 1 and (kept[0] / "step_00000016" / "complete.json").is_file()
 
     # `mmscale eval --reranker` on 2 ranks, on a split with pixel-identical images under other captions:
     # the bi-encoder's Recall@1 is one number in both sections.

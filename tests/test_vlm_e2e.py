@@ -30,8 +30,8 @@ def run(tmp_path_factory) -> Path:
     config = {
         "output_dir": str(tmp / "run"),
         "model": {"kind": "vlm", "vlm": {"name_or_path": str(model), "query_prompt": "Find the document.",
-                                         "negatives": 2, "lora": {"rank": 4, "alpha": 8}}},
-        "data": {"train": str(tmp / "groups"), "val": str(tmp / "val"), "workers": 1, "shuffle_buffer": 4},
+                                         "lora": {"rank": 4, "alpha": 8}}},
+        "data": {"train": str(tmp / "groups"), "hard_negatives": 2, "val": str(tmp / "val"), "workers": 1, "shuffle_buffer": 4},
         "train": {"global_batch_size": 8, "chunk_tokens": 96, "steps": 3, "lr": 1e-3, "warmup_steps": 1,
                   "zero_stage": 3, "log_every": 1, "save_every": 0},
         "eval": {"batch_size": 6},

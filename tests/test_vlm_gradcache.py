@@ -97,9 +97,8 @@ def rank_batch(renderer, rank: int) -> dict:
 
 
 def task_parts(cfg):
-    from mmscale.data.vlm import VlmRenderer
+    from mmscale.data.vlm import VlmRenderer, vision_tokens
     from mmscale.models.vlm import load_vlm_processor, vlm_preprocess
-    from mmscale.train.vlm_step import vision_tokens
 
     processor = load_vlm_processor(cfg.model.vlm)
     renderer = VlmRenderer(processor.tokenizer, processor.chat_template, vlm_preprocess(cfg.model.vlm, processor),

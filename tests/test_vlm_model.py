@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmscale.config import ConfigError, load_config
+from mmscale.data.decode import image_id
 from tools import tiny_vlm
 
 FAMILIES = tiny_vlm.FAMILIES
@@ -37,9 +38,8 @@ def vlm_config(path: Path, *overrides: str):
 
 
 def build(path: Path, *overrides: str):
-    from mmscale.data.vlm import VlmRenderer
+    from mmscale.data.vlm import VlmRenderer, vision_tokens
     from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor
-    from mmscale.train.vlm_step import vision_tokens
 
     cfg = vlm_config(path, *overrides)
     processor = load_vlm_processor(cfg.model.vlm)
@@ -175,8 +175,8 @@ def test_codec_reads_every_declared_layout_and_groups(root):
     codec = VlmCodec(renderer, keys)
 
     def sides(sample):
-        item, text = codec.decode({"__key__": "k", **sample})
-        return [(len(s.grids), int((s.input_ids == renderer.image_token_id).sum())) for s in item["sequences"]], text
+        item = codec.decode({"__key__": "k", **sample})
+        return [(len(s.grids), int((s.input_ids == renderer.image_token_id).sum())) for s in item["sequences"]], item["text"]
 
     assert sides({"txt": b"a cat", "png": _png(32, 48, 0)}) == ([(0, 0), (1, 6)], "a cat")  # classic
     assert sides({"query.txt": b"q", "doc.png": _png(32, 32, 1)})[0] == [(0, 0), (1, 4)]
@@ -186,15 +186,30 @@ def test_codec_reads_every_declared_layout_and_groups(root):
         codec.decode({"__key__": "k", "query.txt": b"q"})
     assert err.value.reason == "missing_document"
 
+    # Mined groups in the layout every mmscale reader shares (data/decode.py): the positive and negative
+    # documents by their prefix, scores from the json (NaN where a negative is absent), ids of the bytes.
     groups = VlmCodec(renderer, keys, negatives=3)
+    pos, neg0 = _png(32, 32, 4), _png(16, 64, 5)
     meta = json.dumps({"positive_score": 0.9, "negative_scores": [0.8, 0.7]}).encode()
-    item, _ = groups.decode({"__key__": "g", "txt": b"q", "pos.png": _png(32, 32, 4), "neg0.png": _png(16, 64, 5),
-                             "neg1.txt": b"a text negative", "json": meta})
+    item = groups.decode({"__key__": "g", "txt": b"q", "pos.png": pos, "neg0.png": neg0,
+                          "neg1.txt": b"a text negative", "json": meta})
     assert len(item["sequences"]) == 5 and item["negative_mask"] == [True, True, False]
-    assert item["scores"] == pytest.approx([0.9, 0.8, 0.7, 0.0])
+    assert item["scores"][:3] == pytest.approx([0.9, 0.8, 0.7]) and math.isnan(item["scores"][3])
+    assert item["image_ids"][:3] == [image_id(pos), image_id(neg0), image_id(b"a text negative")]
     batch = groups.collate([item, item])
+    assert batch["image_ids"].shape == (2, 4) and batch["negative_mask"].shape == (2, 3)
     again = groups.collate(groups.split(batch))
-    assert batch.keys() == again.keys() and all(torch.equal(batch[k], again[k]) for k in batch)
+    assert batch.keys() == again.keys() and all(torch.equal(batch[k], again[k]) for k in batch if k != "scores")
+    assert torch.equal(batch["scores"].nan_to_num(-1), again["scores"].nan_to_num(-1))
+    # A plain pair where negatives are asked for is a row with every slot masked (the two-tower rule).
+    plain = groups.decode({"__key__": "p", "txt": b"q", "png": pos})
+    assert plain["negative_mask"] == [False] * 3 and len(plain["sequences"]) == 5
+    # A group read without negatives is its (query, positive) pair; a cross-encoder's, one pair per document.
+    assert len(VlmCodec(renderer, keys).decode({"__key__": "g", "txt": b"q", "pos.png": pos})["sequences"]) == 2
+    pairs = VlmCodec(renderer, keys, negatives=3, pairs=True).decode(
+        {"__key__": "g", "txt": b"q", "pos.png": pos, "neg0.png": neg0, "json": meta})
+    assert len(pairs["sequences"]) == 4 and pairs["negative_mask"] == [True, False, False]
+    assert [len(s.grids) for s in pairs["sequences"]] == [1, 1, 0, 0]  # absent negatives: placeholders
 
 
 def test_loader_streams_vlm_samples_exactly_once(root, tmp_path):
@@ -232,33 +247,7 @@ def test_vlm_config_is_checked():
                            "model.vlm.max_pixels=100"])
 
 
-# --------------------------------------------------------------------------- the loss
-
-
-def test_hard_negative_loss_is_the_dense_formula():
-    from mmscale.losses.vlm import VlmContrastiveLoss
-
-    g = torch.Generator().manual_seed(0)
-    q, d = F.normalize(torch.randn(6, 8, generator=g), dim=-1), F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    neg = F.normalize(torch.randn(6, 2, 8, generator=g), dim=-1)
-    mask = torch.tensor([[True, True], [True, False], [False, False], [True, True], [False, True], [True, True]])
-    scale = torch.tensor(5.0)
-    loss, _ = VlmContrastiveLoss("clip")(d, q, scale, None, negatives=neg, negative_mask=mask)
-    total = 0.0
-    for i in range(6):  # query i: its document against every document and every present negative
-        cands = [d[j] for j in range(6)] + [neg[j, k] for j in range(6) for k in range(2) if mask[j, k]]
-        logits = torch.stack([scale * q[i] @ c for c in cands])
-        total += (torch.logsumexp(logits, 0) - logits[i]) / 2
-        back = torch.stack([scale * d[i] @ q[j] for j in range(6)])
-        total += (torch.logsumexp(back, 0) - back[i]) / 2
-    assert loss.item() == pytest.approx(total.item() / 6, rel=1e-6)
-    plain, _ = VlmContrastiveLoss("clip")(d, q, scale)
-    none_present, _ = VlmContrastiveLoss("clip")(d, q, scale, None, negatives=neg,
-                                                 negative_mask=torch.zeros(6, 2, dtype=torch.bool))
-    assert none_present.item() == pytest.approx(plain.item(), rel=1e-6)
-
-
-# --------------------------------------------------------------------------- export and loading
+# --------------------------------------------------------------------------- export
 
 
 @pytest.mark.parametrize("variant", ["qwen3_chat_prompts", "qwen2_plain_linear"])

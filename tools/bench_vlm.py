@@ -111,9 +111,8 @@ def rank_batch(renderer, samples: list[dict]) -> dict:
 def build_mmscale(model_dir: Path, chunk_tokens: int, batch: int, stage: int = 0):
     import torch
 
-    from mmscale.data.vlm import VlmRenderer
+    from mmscale.data.vlm import VlmRenderer, vision_tokens
     from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor
-    from mmscale.train.vlm_step import vision_tokens
 
     cfg = mmscale_config(model_dir, chunk_tokens, batch, stage)
     processor = load_vlm_processor(cfg.model.vlm)
@@ -133,7 +132,7 @@ def grads_of(named) -> dict:
 def child_mmscale(model_dir: Path, batch: int, chunk_tokens: int, repeats: int, out: Path, port: int) -> dict:
     import torch
 
-    from mmscale.losses.vlm import build_vlm_loss
+    from mmscale.losses import build_loss
     from mmscale.train.engine import build_engine
     from mmscale.train.vlm_step import vlm_gradcache_step
     from tools.bench_gradcache import single_rank_env
@@ -142,7 +141,7 @@ def child_mmscale(model_dir: Path, batch: int, chunk_tokens: int, repeats: int, 
     cfg, model, _, renderer = build_mmscale(model_dir, chunk_tokens, batch)
     engine, _, _ = build_engine(cfg, model, 1, optimizer=lambda groups: torch.optim.SGD(groups, lr=0.0))
     data = rank_batch(renderer, batch_samples(batch))
-    loss_fn = build_vlm_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss)
     kwargs = dict(group_size=2, chunk_tokens=chunk_tokens, chunk_size=cfg.train.chunk_size,
                   pad_token_id=renderer.pad_token_id, image_token_id=renderer.image_token_id,
                   merge_size=renderer.pre.merge_size)
@@ -156,7 +155,6 @@ def child_mmscale(model_dir: Path, batch: int, chunk_tokens: int, repeats: int, 
 
 
 def child_st(model_dir: Path, batch: int, mini_batch: int, repeats: int, out: Path, st_dir: Path) -> dict:
-    import torch
     from PIL import Image
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
@@ -241,7 +239,7 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     torch.set_num_threads(1)
     import deepspeed
 
-    from mmscale.losses.vlm import build_vlm_loss
+    from mmscale.losses import build_loss
     from mmscale.train.engine import build_engine
     from mmscale.train.vlm_step import vlm_gradcache_step
 
@@ -253,7 +251,7 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     kwargs = dict(group_size=2, chunk_tokens=chunk_tokens, chunk_size=cfg.train.chunk_size,
                   pad_token_id=renderer.pad_token_id, image_token_id=renderer.image_token_id,
                   merge_size=renderer.pre.merge_size)
-    loss_fn = build_vlm_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss)
     warm = rank_batch(renderer, batch_samples(8, seed=1)[rank * 4:(rank + 1) * 4])
     vlm_gradcache_step(engine, warm, loss_fn, **kwargs)  # warm-up on a small batch: engine buffers, allocator
     engine.step()

@@ -235,5 +235,5 @@ def write_group_shards(output: str | Path, n: int = 16, negatives: int = 2, samp
             scores = sorted(rng.random(have + 1).tolist(), reverse=True)
             files["json"] = json.dumps({"positive_score": scores[0], "negative_scores": scores[1:]}).encode()
             writer.write(files)
-    write_stats(out, writer.shards)
+    write_stats(out, writer.shards, extra={"num_negatives": negatives})
     return out

@@ -14,10 +14,18 @@
                   remainder, state_dict, issue counts
     build.py      build_train_loader / build_eval_loader
 
+    mix.py        KindMixLoader: image-text and text-pair batches (data.text_pairs) on a seeded schedule
+
 Batches: {"image": uint8 [B,3,S,S] (the model normalises it on its device: `DualEncoder.pixels`),
 "input_ids": long [B,L], "attention_mask": long [B,L], "key": list[str], "text": list[str]}.
+With data.hard_negatives K > 0 (group shards of `mmscale mine`), also "negatives": uint8 [B,K,3,S,S]
+(hardest first), "negative_mask": bool [B,K] (False: padding), "scores": float [B,1+K] (the mining
+bi-encoder's, positive first; NaN where absent) and "image_ids": int64 [B,1+K] (a hash of each image's
+bytes). A text-pair batch has no "image": "input_ids"/"attention_mask"/"text" are the queries,
+"doc_input_ids"/"doc_attention_mask"/"doc_text" their documents.
 `loader.bad_samples` counts samples skipped or lost, by reason (undecodable_image, missing_image,
-missing_caption, empty_caption, too_many_pixels; truncated_tar, unreadable_tar, unreachable_shard,
+missing_caption, empty_caption, too_many_pixels, text_pair_sample, negative_<reason> (a masked negative, the
+sample kept); truncated_tar, unreadable_tar, unreachable_shard,
 manifest_mismatch: what a shard's manifest promised and it did not deliver; lost_on_resume: a
 sample a resumed shuffle buffer could not read again); `loader.bad_shards` counts the shards behind
 truncated_tar ... manifest_mismatch; `loader.padded_samples` the repeats that kept ranks in step.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -14,10 +15,17 @@ from mmscale import distributed
 from mmscale.config import DataConfig, ImagePreprocess
 from mmscale.data.decode import parse_image_keys
 from mmscale.data.loader import StreamingLoader
-from mmscale.data.manifest import MANIFEST_NAME, cached_sample_counts, manifest_locations, shard_sample_counts
+from mmscale.data.manifest import (
+    MANIFEST_NAME,
+    cached_sample_counts,
+    manifest_locations,
+    manifest_values,
+    shard_sample_counts,
+)
+from mmscale.data.mix import KindMixLoader
 from mmscale.data.split import eval_splits_by_sample
 from mmscale.data.stream import StreamSpec
-from mmscale.data.urls import is_local, parse_sources
+from mmscale.data.urls import Source, is_local, parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,42 @@ def train_sample_counts(
     if mode == "epoch" and missing:
         raise ValueError(_no_counts_message(missing, len(urls)))
     return {u: c for u, c in counts.items() if c is not None}
+
+
+def check_hard_negatives(sources: list[Source], k: int) -> None:
+    """Refuse a `data.hard_negatives` that the group shards' manifests (`num_negatives`) cannot fill.
+
+    Every rank encodes K negative slots per sample, used or not (that keeps their chunks in step), so
+    a K above what mining kept, or K > 0 on shards that hold no groups at all, only costs compute. A
+    source whose manifest cannot be read is not judged.
+    """
+    declared: dict[str, int] = {}
+    unknown = []
+    for source in sources:
+        values = manifest_values(source.urls, "num_negatives")
+        numbers = [v for v in values.values() if isinstance(v, int) and not isinstance(v, bool)]
+        if numbers:
+            declared[source.spec] = max(numbers)
+        elif not values:
+            unknown.append(source.spec)
+    if declared and max(declared.values()) < k:
+        most = max(declared.values())
+        raise ValueError(
+            f"data.hard_negatives={k}, but the mined group shards hold at most {most} negatives per group (num_negatives "
+            f"in the stats.json of {', '.join(declared)}): the other {k - most} slots of every sample would be padding, "
+            f"encoded for nothing; set data.hard_negatives={most}, or mine more (mine.num_negatives)"
+        )
+    if not declared and not unknown:
+        raise ValueError(
+            f"data.hard_negatives={k}, but no source of data.train is mined group shards (no stats.json beside them "
+            "names num_negatives, as `mmscale mine` writes under OUTPUT/mined/groups): every negative slot would be "
+            "padding, encoded for nothing. Point data.train at group shards (alone or joined by '::'), set "
+            "data.hard_negatives=0, or add num_negatives to the stats.json of group shards written another way"
+        )
+    for spec, n in declared.items():
+        if n < k:
+            log.warning("data.hard_negatives=%d: the groups of %s hold at most %d negatives; their other slots are "
+                        "masked", k, spec, n)
 
 
 def _on_rank0(compute: Callable[[], T]) -> T:
@@ -110,11 +154,13 @@ def build_train_loader(
     pin_memory: bool = False,
     counts_cache: str | os.PathLike | None = None,
     codec: Any = None,
-) -> StreamingLoader:
+) -> StreamingLoader | KindMixLoader:
     """The training loader of one rank (`data.mode`: epoch = each sample once per epoch, resampled = endless).
 
     Shard sample counts are found once (rank 0 of the process group, when there is one, and
     broadcast) and kept in `counts_cache` when given; `pin_memory` pins batches (for CUDA).
+    With `data.text_pairs`, a `KindMixLoader`: the image-text batches of `data.train` (in their
+    mode) and text-pair batches drawn with replacement, a `data.text_pairs_share` of the steps.
     `codec` reads samples of another shape (data.vlm.VlmCodec: `preprocess`, `tokenizer` and
     `max_length` are then unused).
     """
@@ -125,8 +171,14 @@ def build_train_loader(
     _quiet_tokenizers()
     sources = parse_sources(data_cfg.train, data_cfg.train_weights)
     urls = [u for s in sources for u in s.urls]
-    counts = _on_rank0(lambda: train_sample_counts(urls, mode=data_cfg.mode, retries=data_cfg.shard_retries,
-                                                    cache=Path(counts_cache) if counts_cache else None))
+    cache = Path(counts_cache) if counts_cache else None
+
+    def counts_and_checks() -> dict[str, int]:
+        if data_cfg.hard_negatives:
+            check_hard_negatives(sources, data_cfg.hard_negatives)
+        return train_sample_counts(urls, mode=data_cfg.mode, retries=data_cfg.shard_retries, cache=cache)
+
+    counts = _on_rank0(counts_and_checks)
     if data_cfg.mode == "epoch" and len(sources) > 1 and data_cfg.train_weights:
         log.warning("data.train_weights apply in resampled mode only; epoch mode reads every shard once")
     streams = max(data_cfg.workers, 1)
@@ -151,6 +203,8 @@ def build_train_loader(
         retry_delay=data_cfg.shard_retry_delay,
         # A round is about one pass of this worker's share of the shards: resuming replays at most that.
         round_shards=max(MIN_ROUND_SHARDS, math.ceil(len(urls) / (world_size * streams))),
+        hard_negatives=data_cfg.hard_negatives,
+        multi_caption=data_cfg.multi_caption,
         codec=codec,
     )
     loader = StreamingLoader(
@@ -164,7 +218,20 @@ def build_train_loader(
     if used < data_cfg.workers:
         log.info("rank %d: %d shards this epoch, using %d of %d dataloader workers", rank,
                  used, used, data_cfg.workers)
-    return loader
+    if not data_cfg.text_pairs.strip():
+        return loader
+    text_sources = parse_sources(data_cfg.text_pairs)
+    text_urls = [u for s in text_sources for u in s.urls]
+    text_counts = _on_rank0(lambda: train_sample_counts(text_urls, mode="resampled", retries=data_cfg.shard_retries,
+                                                         cache=cache))
+    text_spec = dataclasses.replace(
+        spec, kind="text_pairs", mode="resampled", sources=text_sources, counts=text_counts, all_urls=[],
+        workers=1, hard_negatives=0, multi_caption=False,
+        round_shards=max(MIN_ROUND_SHARDS, math.ceil(len(text_urls) / world_size)),
+    )  # fmt: skip
+    # Text pairs are small (tokens only): one worker keeps up with them.
+    texts = StreamingLoader(text_spec, workers=min(data_cfg.workers, 1), prefetch_factor=data_cfg.prefetch_factor)
+    return KindMixLoader(loader, texts, share=data_cfg.text_pairs_share, seed=seed)
 
 
 def build_eval_loader(
@@ -183,9 +250,14 @@ def build_eval_loader(
     shard_retries: int = 3,
     shard_retry_delay: float = 0.5,
     pin_memory: bool = False,
+    multi_caption: bool = False,
+    hard_negatives: int = 0,
     codec: Any = None,
 ) -> StreamingLoader:
     """A deterministic evaluation loader: no shuffle, no drop, each sample once across ranks.
+
+    With `multi_caption`, a sample with several captions is evaluated with its first; with
+    `hard_negatives` K, group samples carry their first K negatives (eval transform), as in training.
 
     Rank r reads shards r, r + world_size, ...; with fewer shards than ranks, every rank reads
     every shard and evaluates every world_size-th sample of it instead. Ranks may get different
@@ -216,6 +288,8 @@ def build_eval_loader(
         max_pixels=max_pixels,
         shard_retries=shard_retries,
         retry_delay=shard_retry_delay,
+        multi_caption=multi_caption,
+        hard_negatives=hard_negatives,
         codec=codec,
     )
     if eval_splits_by_sample(len(spec.all_urls), world_size):

@@ -37,7 +37,7 @@ import multiprocessing
 import signal
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -56,19 +56,33 @@ def _public(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in _META}
 
 
-def _records(batch: dict, codec: Any = None) -> list[tuple]:
-    """Split a worker batch into per-sample records (image, ids, mask, key, text, worker, pos).
+PINNED = ("image", "negatives")  # the batch's pixels: pinned for an asynchronous copy to the GPU
 
-    With a sample codec (`StreamSpec.codec`, e.g. data.vlm's) the first field is the codec's item.
+
+class Record(NamedTuple):
+    """One sample of a worker batch: its fields (row i of every batch field), its worker and stream position."""
+
+    fields: dict[str, Any]
+    worker: int
+    pos: int
+
+    @property
+    def key(self) -> str:
+        return self.fields["key"]
+
+
+def _records(batch: dict, codec: Any = None) -> list[Record]:
+    """Split a worker batch into per-sample records.
+
+    With a sample codec (`StreamSpec.codec`, e.g. data.vlm's) a record's fields are the codec's item
+    (what its `collate` takes) with the sample's key and text.
     """
     if codec is not None:
-        return [(item, None, None, batch["key"][i], batch["text"][i], batch["_worker"], batch["_pos"][i])
+        return [Record({**item, "key": batch["key"][i], "text": batch["text"][i]}, batch["_worker"], batch["_pos"][i])
                 for i, item in enumerate(codec.split(batch))]
-    return [
-        (batch["image"][i], batch["input_ids"][i], batch["attention_mask"][i], batch["key"][i], batch["text"][i],
-         batch["_worker"], batch["_pos"][i])
-        for i in range(len(batch["key"]))
-    ]
+    public = _public(batch)
+    return [Record({k: v[i] for k, v in public.items()}, batch["_worker"], batch["_pos"][i])
+            for i in range(len(batch["key"]))]
 
 
 def _add(*counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -280,6 +294,10 @@ class StreamingLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()`: the next batch is the one the uninterrupted run would have yielded."""
         spec = self.spec
+        if state.get("kind") == "mixed":
+            log.warning("data loader state of a run with text pairs (data.text_pairs): its image-text data resumes "
+                        "where it was; the text pairs are no longer drawn")
+            state = state["images"]
         version = state.get("version")
         if version == 1:
             # mmscale before the fixed batch order: its positions have no counterpart here.
@@ -328,18 +346,20 @@ class StreamingLoader:
             kwargs.update(prefetch_factor=self.prefetch_factor, timeout=self.timeout, worker_init_fn=_ignore_stop_signals)
         return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory, **kwargs)
 
-    def _stack(self, records: list[tuple]) -> dict:
+    def _stack(self, records: list[Record]) -> dict:
         if self.spec.codec is not None:
-            return {**self.spec.codec.collate([r[0] for r in records]), "key": [r[3] for r in records],
-                    "text": [r[4] for r in records]}
-        image = torch.stack([r[0] for r in records])
-        return {
-            "image": image.pin_memory() if self.pin_memory else image,
-            "input_ids": torch.stack([r[1] for r in records]),
-            "attention_mask": torch.stack([r[2] for r in records]),
-            "key": [r[3] for r in records],
-            "text": [r[4] for r in records],
-        }
+            return {**self.spec.codec.collate([r.fields for r in records]), "key": [r.key for r in records],
+                    "text": [r.fields["text"] for r in records]}
+        out: dict[str, Any] = {}
+        for name, first in records[0].fields.items():
+            values = [r.fields[name] for r in records]
+            if not isinstance(first, torch.Tensor):
+                out[name] = values
+                continue
+            out[name] = torch.stack(values)
+            if self.pin_memory and name in PINNED:
+                out[name] = out[name].pin_memory()
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         if self.spec.mode == "eval":
@@ -374,12 +394,12 @@ class StreamingLoader:
             record = self._progress["workers"][worker]
             record["state"], record["skip"] = batch["_state"], int(batch["_state"]["out"])
 
-    def _hand_out(self, pool_out: list[tuple], pool_left: list[tuple]) -> None:
+    def _hand_out(self, pool_out: list[Record], pool_left: list[Record]) -> None:
         """Merged samples leave the pool: move their workers' positions, retire workers with nothing left there."""
         workers = self._progress["workers"]
         for r in pool_out:
-            workers[r[5]]["skip"] = max(workers[r[5]]["skip"], r[6] + 1)
-        waiting = {r[5] for r in pool_left}
+            workers[r.worker]["skip"] = max(workers[r.worker]["skip"], r.pos + 1)
+        waiting = {r.worker for r in pool_left}
         for w in self._progress["pool"]:
             if w not in waiting:
                 workers[w]["done"] = True
@@ -396,8 +416,8 @@ class StreamingLoader:
             self._progress = self._fresh_progress(streams)
         progress, workers = self._progress, self._progress["workers"]
         self._live = {}
-        pool: list[tuple] = []  # merge pool: tail samples of finished workers, in arrival order
-        first: list[tuple] | None = None  # this epoch's first batch of worker 0: the repeat pool, when seen
+        pool: list[Record] = []  # merge pool: tail samples of finished workers, in arrival order
+        first: list[Record] | None = None  # this epoch's first batch of worker 0: the repeat pool, when seen
         running = target is None or self.batches_done < target
         start = {w: dict(p) for w, p in workers.items()}
         if running and any(not p["done"] for p in workers.values()):
@@ -440,7 +460,7 @@ class StreamingLoader:
         self.batches_done = 0
         self._progress = None
 
-    def _pad_to(self, target: int, pool: list[tuple], first: list[tuple] | None) -> Iterator[dict]:
+    def _pad_to(self, target: int, pool: list[Record], first: list[Record] | None) -> Iterator[dict]:
         """The epoch's last batches: what is left in the pool, topped up with repeats, until every rank has `target`."""
         b, progress = self.spec.batch_size, self._progress
         if self.batches_done >= target:
@@ -455,8 +475,8 @@ class StreamingLoader:
                 target, b, needed, needed, lost or "none", counts["shards"] or "none")
         while self.batches_done < target:
             group, pool = pool[:b], pool[b:]
-            inside = {r[3] for r in group}
-            candidates = [r for r in repeats if r[3] not in inside] or repeats
+            inside = {r.key for r in group}
+            candidates = [r for r in repeats if r.key not in inside] or repeats
             fill = [candidates[(progress["padded"] + i) % len(candidates)] for i in range(b - len(group))]
             progress["padded"] += len(fill)
             self.padded_samples += len(fill)
@@ -464,9 +484,9 @@ class StreamingLoader:
             self.batches_done += 1
             yield self._stack(group + fill)
 
-    def _repeat_pool(self) -> list[tuple]:
+    def _repeat_pool(self) -> list[Record]:
         """This epoch's first B samples of the rank (worker 0's stream, then worker 1's, ...), read again."""
-        out: list[tuple] = []
+        out: list[Record] = []
         for worker in range(self.spec.workers):
             for batch in self.dataset.iter_worker(worker):
                 out.extend(_records(batch, self.spec.codec))

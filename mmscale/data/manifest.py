@@ -114,6 +114,23 @@ def parse_manifest(data: bytes, where: str) -> dict[str, int]:
     return counts
 
 
+def manifest_values(urls: Iterable[str], key: str) -> dict[str, object]:
+    """`key`'s value in each `stats.json` beside `urls` (None where a manifest lacks it); shards without one are left out.
+
+    Fetched like the counts (remote manifests through the shards' opener), once per directory.
+    """
+    where = {manifest_locations(u)[0] for u in urls} - {None}
+    out: dict[str, object] = {}
+    for location, data in _fetch_all(sorted(where)).items():
+        if data is None:
+            continue
+        try:
+            out[location] = json.loads(data).get(key)
+        except (ValueError, AttributeError):
+            continue  # unreadable: parse_manifest warns about it when the counts are read
+    return out
+
+
 def _img2dataset_count(data: bytes | None) -> int | None:
     """`successes` of an img2dataset `NNNNN_stats.json` (the samples written to its tar)."""
     if data is None:

@@ -1,5 +1,12 @@
 """The per-worker pipeline: shards -> raw samples -> shuffle buffer -> skip consumed -> decode -> crop -> batch.
 
+What a sample becomes (`SampleStream.decode`) depends on the stream's `kind` and settings:
+    images        an image and its caption (one of several with `multi_caption`); with `hard_negatives`
+                  K > 0 also a group's first K mined negatives, each cropped like the positive, their
+                  mask (padding where a group has fewer, or for a plain pair), the group's bi-encoder
+                  scores and an id per image (a hash of its bytes)
+    text_pairs    a query and its document (`KEY.txt`, `KEY.pos.txt`), no image
+
 Each dataloader worker runs `SampleStream.iter_worker` over its own shards and yields whole
 batches of uint8 images (normalised later, on the model's device) tagged with its worker id, the
 place of each sample in its stream (`_pos`: how many raw samples had left the shuffle buffer
@@ -52,6 +59,7 @@ from mmscale.data.urls import Source
 log = logging.getLogger(__name__)
 
 MODES = ("epoch", "resampled", "eval")
+KINDS = ("images", "text_pairs")
 EMPTY_ROUNDS_LIMIT = 3  # resampled rounds in a row without one good sample before giving up
 _MASK64 = (1 << 64) - 1
 
@@ -80,11 +88,18 @@ class StreamSpec:
     retry_delay: float = 0.5
     round_shards: int = 8  # resampled mode: shards drawn per round (the shuffle buffer drains at round ends)
     all_urls: list[str] = field(default_factory=list)
-    codec: Any = None  # decodes and collates samples of another shape (data.vlm.VlmCodec); None: image + caption
+    kind: str = "images"  # images (pairs and mined groups) | text_pairs (query, document)
+    hard_negatives: int = 0  # K mined negatives per sample (0: none; a group is read as its caption and positive)
+    multi_caption: bool = False  # the caption member holds several captions: one is used per image and epoch
+    codec: Any = None  # decodes and collates samples of another shape (data.vlm.VlmCodec); None: as `kind` says
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"stream mode must be one of {MODES}, got {self.mode!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"stream kind must be one of {KINDS}, got {self.kind!r}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be >= 0, got {self.hard_negatives}")
         if not self.all_urls:
             self.all_urls = [u for s in self.sources for u in s.urls]
 
@@ -207,53 +222,119 @@ class SampleStream(IterableDataset):
         self.start: dict[int, dict] = {}  # worker -> {"state": snapshot or None, "skip": int, "done": bool}
 
     # -- one sample ----------------------------------------------------------------
-    def decode(self, sample: dict, crop_seed: str) -> tuple[torch.Tensor, str]:
-        """Raw sample -> (uint8 [3, S, S] image, caption); raises BadSample."""
+    def decode(self, sample: dict, crop_seed: str, issues: DataIssues | None = None) -> dict[str, Any]:
+        """Raw sample -> its fields (uint8 [3, S, S] `image`, `text`, ...; see the module docstring); raises BadSample.
+
+        A mined negative that cannot be used is masked and counted in `issues` as `negative_<reason>`;
+        the sample itself is kept.
+        """
         spec = self.spec
         if spec.codec is not None:
-            return spec.codec.decode(sample)
-        text = decoding.caption(sample, spec.text_key)
-        image = decoding.decode_rgb(decoding.image_bytes(sample, spec.image_keys), spec.max_pixels)
+            return spec.codec.decode(sample, issues)
+        if spec.kind == "text_pairs":
+            return {"text": decoding.caption(sample, spec.text_key), "doc_text": decoding.document(sample)}
+        text = self._caption(sample, crop_seed)
+        data = decoding.image_bytes(sample, spec.image_keys)
+        out: dict[str, Any] = {"image": self._transform(decoding.decode_rgb(data, spec.max_pixels), crop_seed),
+                               "text": text}
+        if spec.hard_negatives:
+            out.update(self._negatives(sample, data, crop_seed, issues))
+        return out
+
+    def _transform(self, image: torch.Tensor, crop_seed: str) -> torch.Tensor:
+        spec = self.spec
         if spec.train:
-            # One RNG per sample: the crop depends on the sample's place, not on what came before,
+            # One RNG per image: the crop depends on the sample's place, not on what came before,
             # so a resumed run crops exactly as the uninterrupted one would have.
-            image = train_transform(image, spec.preprocess, spec.crop_scale, random.Random(crop_seed))
-        else:
-            image = eval_transform(image, spec.preprocess)
-        return image, text
+            return train_transform(image, spec.preprocess, spec.crop_scale, random.Random(crop_seed))
+        return eval_transform(image, spec.preprocess)
+
+    def _caption(self, sample: dict, crop_seed: str) -> str:
+        spec = self.spec
+        if not spec.multi_caption:
+            return decoding.caption(sample, spec.text_key)
+        options = decoding.captions(sample, spec.text_key)
+        if not spec.train or len(options) == 1:
+            return options[0]
+        if spec.mode == "epoch":
+            # Each image's captions in a seeded order of its own (by key: the same on any number of ranks),
+            # one per epoch: every caption once in len(options) epochs, the image once per epoch.
+            order = random.Random(f"captions:{spec.seed}:{sample['__key__']}").sample(range(len(options)), len(options))
+            return options[order[self.epoch % len(options)]]
+        return options[random.Random(f"caption:{crop_seed}").randrange(len(options))]  # resampled: a draw per read
+
+    def _negatives(self, sample: dict, positive: bytes, crop_seed: str, issues: DataIssues | None) -> dict[str, Any]:
+        """The first K mined negatives (zeros where absent or unusable), their mask, the scores and image ids."""
+        spec, k, size = self.spec, self.spec.hard_negatives, self.spec.preprocess.size
+        images = torch.zeros(k, 3, size, size, dtype=torch.uint8)
+        mask = torch.zeros(k, dtype=torch.bool)
+        ids = torch.zeros(1 + k, dtype=torch.int64)
+        ids[0] = decoding.image_id(positive)
+        for i in range(k):
+            data = decoding.negative_bytes(sample, i, spec.image_keys)
+            if data is None:
+                continue  # the group has fewer negatives (or the sample is a plain pair): padding, masked
+            try:
+                image = decoding.decode_rgb(data, spec.max_pixels)
+            except decoding.BadSample as exc:
+                if issues is not None:
+                    issues.samples[f"negative_{exc.reason}"] += 1
+                continue
+            images[i] = self._transform(image, f"{crop_seed}:neg{i}")
+            mask[i] = True
+            ids[1 + i] = decoding.image_id(data)
+        scores = torch.tensor(decoding.group_scores(sample, k), dtype=torch.float32)
+        scores[1:][~mask] = float("nan")  # a score belongs to a negative the batch carries
+        return {"negatives": images, "negative_mask": mask, "scores": scores, "image_ids": ids}
 
     # -- one batch -----------------------------------------------------------------
+    def empty_fields(self) -> dict[str, Any]:
+        """The per-sample fields of a batch with no rows, shaped as a full one."""
+        spec, size, k = self.spec, self.spec.preprocess.size, self.spec.hard_negatives
+        tokens = torch.empty(0, spec.max_length, dtype=torch.long)
+        if spec.kind == "text_pairs":
+            return {"input_ids": tokens, "attention_mask": tokens, "doc_input_ids": tokens,
+                    "doc_attention_mask": tokens, "text": [], "doc_text": []}
+        out: dict[str, Any] = {"image": torch.empty(0, 3, size, size, dtype=torch.uint8), "input_ids": tokens,
+                               "attention_mask": tokens, "text": []}
+        if k:
+            out.update(negatives=torch.empty(0, k, 3, size, size, dtype=torch.uint8),
+                       negative_mask=torch.empty(0, k, dtype=torch.bool), scores=torch.empty(0, 1 + k),
+                       image_ids=torch.empty(0, 1 + k, dtype=torch.int64))
+        return out
+
     def collate(self, items: list[tuple], worker: int, issues: DataIssues, last: bool,
                 state: dict | None = None) -> dict:
-        """Stack decoded samples into a batch dict (uint8 images), with the bookkeeping the main process needs."""
+        """Stack decoded samples (fields, key, pos) into a batch dict, with the bookkeeping the main process needs."""
         spec = self.spec
         if spec.codec is not None:
-            fields = spec.codec.collate([it[0] for it in items])
+            fields = {**spec.codec.collate([it[0] for it in items]), "text": [it[0]["text"] for it in items]}
         else:
-            fields = self._collate_images(items)
+            fields = self.empty_fields()
+        if spec.codec is None and items:
+            for name in items[0][0]:
+                values = [it[0][name] for it in items]
+                if name in ("text", "doc_text"):
+                    fields[name] = values
+                elif name in ("image", "negatives"):
+                    out = _empty_for_transfer((len(values), *values[0].shape), torch.uint8)
+                    fields[name] = torch.stack(values, out=out)
+                else:
+                    fields[name] = torch.stack(values)
+            fields["input_ids"], fields["attention_mask"] = tokenize(spec.tokenizer, fields["text"], spec.max_length)
+            if "doc_text" in fields:
+                fields["doc_input_ids"], fields["doc_attention_mask"] = tokenize(spec.tokenizer, fields["doc_text"],
+                                                                                 spec.max_length)
         return {
             **fields,
-            "key": [it[2] for it in items],
-            "text": [it[1] for it in items],
+            "key": [it[1] for it in items],
             "_worker": worker,
-            "_pos": [it[3] for it in items],
+            "_pos": [it[2] for it in items],
             "_state": state,
             "_bad": issues.counts(),
             "_notes": issues.take_notes(),
             "_last": last,
         }
-
-    def _collate_images(self, items: list[tuple]) -> dict[str, torch.Tensor]:
-        spec = self.spec
-        size = spec.preprocess.size
-        if items:
-            images = _empty_for_transfer((len(items), 3, size, size), torch.uint8)
-            torch.stack([it[0] for it in items], out=images)
-            ids, mask = tokenize(spec.tokenizer, [it[1] for it in items], spec.max_length)
-        else:
-            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
-            ids = mask = torch.empty(0, spec.max_length, dtype=torch.long)
-        return {"image": images, "input_ids": ids, "attention_mask": mask}
 
     # -- the stream ----------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -303,12 +384,12 @@ class SampleStream(IterableDataset):
                     continue
                 seed = f"crop:{spec.seed}:{spec.rank}:{worker}:{self.epoch}:{round_}:{pos}"
                 try:
-                    image, text = self.decode(sample, seed)
+                    fields = self.decode(sample, seed, issues)
                 except decoding.BadSample as exc:
                     issues.samples[exc.reason] += 1
                     continue
                 good += 1
-                items.append((image, text, sample["__key__"], pos))
+                items.append((fields, sample["__key__"], pos))
                 if len(items) == spec.batch_size:
                     yield self.collate(items, worker, issues, last=False, state={"round": round_, **stream.snapshot()})
                     items = []

@@ -14,9 +14,10 @@ How a WebDataset sample declares its sides (member names after the key):
     doc.txt, doc.jpg|png|webp          the document: text, image, or both
     txt + jpg|png|webp                 no query.* / doc.* members: the classic layout, the caption
                                        (data.text_key) is the query and the image the document
-    txt, pos.*, neg0.*, neg1.*, ...    a mined group (mmscale mine): the query text, the positive
-                                       document, its negatives (neg{i}.txt and/or neg{i}.<image>),
-                                       scores in the json sidecar
+    txt, pos.*, neg0.*, neg1.*, ...    a mined group (mmscale mine's layout, data/decode.py): the
+                                       query text, the positive document, its negatives hardest first
+                                       (neg{i}.txt and/or neg{i}.<image>), scores in the json sidecar;
+                                       read as a (query, positive) pair when no negatives are asked for
 
 A batch (`VlmCodec.collate`) lays the sequences of its B samples out as B x G consecutive sequences
 (G = 2 + K: query, document, K negatives; a group short of negatives fills the rest with a 1-token
@@ -25,7 +26,9 @@ worker hands it over through shared memory in one piece:
 
     input_ids [T] long, positions [3, T] long, seq_lens [B*G] long      the tokens, concatenated
     patches [P, 3, p, p] uint8, grids [I, 3] long, image_seqs [I] long  the images, in sequence order
-    negative_mask [B, K] bool, scores [B, 1 + K] float                  with K > 0 only (groups)
+    negative_mask [B, K] bool, scores [B, 1 + K] float (NaN where absent),
+    image_ids [B, 1 + K] int64 (a hash of each document's bytes)        with K > 0 only, as the two-tower
+                                                                        loader's fields of the same names
 
 A model forward takes a *chunk* of a batch's sequences, right-padded to its longest (`VlmChunks`);
 `plan_batch` decides which sequences share a chunk (by token budget) and, across ranks, how many
@@ -34,7 +37,6 @@ forwards there are and which of them run the vision encoder (see mmscale/train/v
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +169,11 @@ class VlmRenderer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
 
+    @classmethod
+    def from_processor(cls, processor: Any, pre: VlmPreprocess) -> VlmRenderer:
+        """The renderer of a Qwen-VL processor (its tokenizer, chat template, vision tokens) with a model's preprocessing."""
+        return cls(processor.tokenizer, processor.chat_template, pre, *vision_tokens(processor))
+
     def prompt(self, side: str) -> str:
         """The instruction in front of a query or a document."""
         return self.pre.query_prompt if side == QUERY else self.pre.document_prompt
@@ -250,6 +257,14 @@ class VlmRenderer:
                         torch.empty(0, 3, p, p, dtype=torch.uint8), [])
 
 
+def vision_tokens(processor: Any) -> tuple[str, str, str]:
+    """(image placeholder, vision start, vision end) token strings of a Qwen-VL processor."""
+    tok = processor.tokenizer
+    start = getattr(processor, "vision_start_token", None) or getattr(tok, "vision_start_token", "<|vision_start|>")
+    end = getattr(processor, "vision_end_token", None) or getattr(tok, "vision_end_token", "<|vision_end|>")
+    return processor.image_token, start, end
+
+
 def plain_template(vision_start: str, image_token: str, vision_end: str) -> str:
     """A chat template that renders without roles: the system text, each image's placeholder, the user text."""
     return (
@@ -307,7 +322,12 @@ def split_sequences(batch: dict[str, torch.Tensor]) -> list[Sequence]:
 class VlmCodec:
     """What the streaming loader needs to read VLM samples: decode one, collate many, split a batch, stack records.
 
-    `negatives` is K for mined groups (a batch then holds K negative documents per sample), 0 otherwise.
+    `negatives` is K (`data.hard_negatives`; for a reranker `rerank.group_size - 1`): a batch then
+    holds K negative documents per sample, read from mined groups in the layout every mmscale reader
+    shares (`data.decode`: KEY.pos.*, KEY.neg{i}.*, scores in KEY.json); a plain pair, or a group short
+    of negatives, fills its slots with placeholders that `negative_mask` marks absent, as the
+    two-tower loader does. `pairs`: a cross-encoder's batch, one (query, candidate) sequence per
+    document and negative.
     """
 
     def __init__(self, renderer: VlmRenderer, image_keys: tuple[str, ...], text_key: str = "txt",
@@ -317,18 +337,18 @@ class VlmCodec:
         self.text_key = text_key
         self.max_pixels = max_pixels
         self.negatives = negatives
-        self.pairs = pairs  # a cross-encoder's batch: one (query, candidate) pair per document and negative
+        self.pairs = pairs
 
     @property
     def group_size(self) -> int:
         """Sequences per sample: query, document, negatives (pairs: one per document and negative)."""
         return (1 if self.pairs else 2) + self.negatives
 
-    def _image(self, sample: dict, prefix: str) -> torch.Tensor | None:
+    def _image_data(self, sample: dict, prefix: str) -> bytes | None:
         for ext in self.image_keys:
             data = sample.get(f"{prefix}.{ext}" if prefix else ext)
             if data is not None:
-                return decoding.decode_rgb(data, self.max_pixels)
+                return data
         return None
 
     def _text(self, sample: dict, prefix: str) -> str | None:
@@ -339,67 +359,78 @@ class VlmCodec:
         return text or None
 
     def _content(self, sample: dict, prefix: str, side: str) -> tuple[list[torch.Tensor], str | None]:
-        image, text = self._image(sample, prefix), self._text(sample, prefix)
-        if image is None and text is None:
+        data, text = self._image_data(sample, prefix), self._text(sample, prefix)
+        if data is None and text is None:
             raise decoding.BadSample(f"missing_{side}", f"{sample.get('__key__')} has no {prefix}.txt nor {prefix} image")
-        return [image] if image is not None else [], text
+        return ([decoding.decode_rgb(data, self.max_pixels)] if data is not None else []), text
 
-    def _side(self, sample: dict, prefix: str, side: str) -> tuple[Sequence, str]:
-        images, text = self._content(sample, prefix, side)
-        return self.renderer.encode(side, images, text), text or ""
+    def _id(self, sample: dict, prefix: str) -> int:
+        """The document's id (`decoding.image_id` of its image bytes, else of its text): equal content, equal id."""
+        data = self._image_data(sample, prefix)
+        return decoding.image_id(data if data is not None else sample.get(f"{prefix}.txt", b""))
 
     def _sides(self, sample: dict) -> tuple[tuple[list[torch.Tensor], str | None], tuple[list[torch.Tensor], str | None]]:
-        """(query, document) contents of a pair sample in any declared layout."""
+        """(query, document) contents of a sample in any declared layout (a group: its query and positive)."""
         if any(k.startswith(("query.", "doc.")) for k in sample):
             return self._content(sample, "query", QUERY), self._content(sample, "doc", DOCUMENT)
         query = decoding.caption(sample, self.text_key)
+        if any(k.startswith("pos.") for k in sample):
+            return ([], query), self._content(sample, "pos", DOCUMENT)
         image = decoding.decode_rgb(decoding.image_bytes(sample, self.image_keys), self.max_pixels)
         return ([], query), ([image], None)
 
-    def decode(self, sample: dict) -> tuple[dict[str, Any], str]:
-        """Raw sample -> (its sequences and group fields, the query text for logging); raises BadSample."""
-        if any(k.startswith("pos.") for k in sample):
-            return self._decode_group(sample)
-        if self.negatives:
-            raise decoding.BadSample("not_a_group", f"{sample.get('__key__')} has no mined negatives (pos.*, neg*.*)")
+    def _document_prefix(self, sample: dict) -> str:
+        if any(k.startswith("doc.") for k in sample):
+            return "doc"
+        return "pos" if any(k.startswith("pos.") for k in sample) else ""
+
+    def decode(self, sample: dict, issues: Any = None) -> dict[str, Any]:
+        """Raw sample -> its item: `sequences`, `text` (the query, for logging), and with K > 0 the group fields.
+
+        Raises BadSample; a negative that cannot be used is masked and counted in `issues` as
+        `negative_<reason>`, as in the two-tower loader.
+        """
         (q_images, q_text), (d_images, d_text) = self._sides(sample)
         if self.pairs:
-            return {"sequences": [self.renderer.encode_pair(q_images, q_text, d_images, d_text)]}, q_text or ""
-        query = self.renderer.encode(QUERY, q_images, q_text)
-        return {"sequences": [query, self.renderer.encode(DOCUMENT, d_images, d_text)]}, q_text or ""
+            def encode(images: list[torch.Tensor], text: str | None) -> Sequence:
+                return self.renderer.encode_pair(q_images, q_text, images, text)
 
-    def _decode_group(self, sample: dict) -> tuple[dict[str, Any], str]:
-        query_text = decoding.caption(sample, self.text_key)
-        if self.pairs:
-            def encode(prefix: str) -> Sequence:
-                return self.renderer.encode_pair([], query_text, *self._content(sample, prefix, DOCUMENT))
-
-            sequences = [encode("pos")]
+            sequences = [encode(d_images, d_text)]
         else:
-            def encode(prefix: str) -> Sequence:
-                return self._side(sample, prefix, DOCUMENT)[0]
+            def encode(images: list[torch.Tensor], text: str | None) -> Sequence:
+                return self.renderer.encode(DOCUMENT, images, text)
 
-            sequences = [self.renderer.encode(QUERY, [], query_text), encode("pos")]
-        meta = json.loads(sample["json"]) if sample.get("json") else {}
-        scores = [float(meta.get("positive_score", 0.0))]
-        mask = []
-        for i in range(self.negatives):
+            sequences = [self.renderer.encode(QUERY, q_images, q_text), encode(d_images, d_text)]
+        item: dict[str, Any] = {"sequences": sequences, "text": q_text or ""}
+        if not self.negatives:
+            return item
+        k = self.negatives
+        mask, ids = [False] * k, [self._id(sample, self._document_prefix(sample))] + [0] * k
+        for i in range(k):
             prefix = f"neg{i}"
-            present = any(k.startswith(prefix + ".") for k in sample)
-            sequences.append(encode(prefix) if present else self.renderer.placeholder())
-            mask.append(present)
-        given = list(meta.get("negative_scores", []))
-        scores += [float(given[i]) if i < len(given) else 0.0 for i in range(self.negatives)]
-        return {"sequences": sequences, "negative_mask": mask, "scores": scores}, query_text
+            sequence = None
+            if any(key.startswith(prefix + ".") for key in sample):
+                try:
+                    sequence = encode(*self._content(sample, prefix, DOCUMENT))
+                except decoding.BadSample as exc:
+                    if issues is not None:
+                        issues.samples[f"negative_{exc.reason}"] += 1
+            sequences.append(sequence if sequence is not None else self.renderer.placeholder())
+            if sequence is not None:
+                mask[i], ids[1 + i] = True, self._id(sample, prefix)
+        scores = decoding.group_scores(sample, k)
+        item.update(negative_mask=mask, image_ids=ids,
+                    scores=[v if i == 0 or mask[i - 1] else math.nan for i, v in enumerate(scores)])
+        return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Decoded samples -> the batch tensors (see the module docstring)."""
         batch = collate_sequences([s for it in items for s in it["sequences"]])
         if self.negatives:
-            batch["negative_mask"] = torch.tensor([it["negative_mask"] for it in items], dtype=torch.bool).reshape(
-                -1, self.negatives)
-            batch["scores"] = torch.tensor([it["scores"] for it in items], dtype=torch.float32).reshape(
-                -1, 1 + self.negatives)
+            k = self.negatives
+            batch["negative_mask"] = torch.tensor([it["negative_mask"] for it in items], dtype=torch.bool).reshape(-1, k)
+            batch["scores"] = torch.tensor([it["scores"] for it in items], dtype=torch.float32).reshape(-1, 1 + k)
+            batch["image_ids"] = torch.tensor([it["image_ids"] for it in items], dtype=torch.int64).reshape(-1, 1 + k)
         return batch
 
     def split(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -410,8 +441,8 @@ class VlmCodec:
         for b in range(len(sequences) // g):
             item: dict[str, Any] = {"sequences": sequences[b * g:(b + 1) * g]}
             if self.negatives:
-                item["negative_mask"] = batch["negative_mask"][b].tolist()
-                item["scores"] = batch["scores"][b].tolist()
+                for name in ("negative_mask", "scores", "image_ids"):
+                    item[name] = batch[name][b].tolist()
             items.append(item)
         return items
 

@@ -85,8 +85,7 @@ def write_vlm_mmscale(model: nn.Module, spec: Any, processor: Any, out: Path, dt
 
 def st_chat_template(model: nn.Module, processor: Any) -> str | None:
     """The chat template sentence-transformers must render with to match mmscale (None: the processor's own)."""
-    from mmscale.data.vlm import plain_template
-    from mmscale.train.vlm_step import vision_tokens
+    from mmscale.data.vlm import plain_template, vision_tokens
 
     if model.preprocess.prompt_format == "plain":
         return plain_template(*[vision_tokens(processor)[i] for i in (1, 0, 2)])

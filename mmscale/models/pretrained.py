@@ -37,7 +37,7 @@ from mmscale.models import convert
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("transformers", "open_clip", "timm", "sentence_transformers")
+FORMATS = ("transformers", "open_clip", "timm", "sentence_transformers", "mmscale")
 # Files that tell a source's format and shape (and its tokenizer): fetched from the hub before any weights.
 META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model",
@@ -53,7 +53,7 @@ class Source:
     """A located pretrained model: its format and where its files are (no weights read)."""
 
     init_from: str  # as written in model.init_from
-    format: str  # transformers | open_clip | timm | sentence_transformers
+    format: str  # transformers | open_clip | timm | sentence_transformers | mmscale
     path: str = ""  # local folder holding its config (a hub source's cached snapshot)
     hub_id: str = ""  # hub repository, for sources that came from the hub
     name: str = ""  # open_clip built-in model name / timm model name
@@ -159,7 +159,11 @@ def _hub_snapshot(repo: str, spec: str, download: bool) -> Path:
 
 def detect_format(folder: Path, init_format: str = "", spec: str = "") -> str:
     """The format of a model folder from the files in it; `init_format` picks one where several fit."""
+    from mmscale.models import load
+
     found = []
+    if load.is_export_dir(folder) or load.is_checkpoint(folder):
+        found.append("mmscale")  # a run, a checkpoint or an export of mmscale itself: a later round starts here
     if (folder / "modules.json").is_file():
         found.append("sentence_transformers")
     config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
@@ -177,7 +181,8 @@ def detect_format(folder: Path, init_format: str = "", spec: str = "") -> str:
     if not found:
         raise ConfigError(
             f"model.init_from: {spec or folder}: not a model folder mmscale recognises (expected modules.json, "
-            f"a transformers config.json, open_clip_config.json or a timm config.json)"
+            f"a transformers config.json, open_clip_config.json, a timm config.json, or an mmscale run, "
+            f"checkpoint or export)"
         )
     if len(found) > 1:
         # A whole model beats a vision tower, and transformers needs no optional package.
@@ -217,7 +222,44 @@ def describe(source: Source, weights: bool = True, download: bool = True) -> Arc
         return Architecture(_transformers_values(inner.folder, inner, weights), inner)
     if source.format == "open_clip":
         return Architecture(_open_clip_values(source, weights, download), source)
+    if source.format == "mmscale":
+        return Architecture(_mmscale_values(source), source)
     return Architecture({"vision": _timm_vision_values(source)}, source)
+
+
+# What an mmscale model's config fixes for a run that starts from it: shapes and preprocessing. How
+# the new run trains it (locked towers, adapters, lr multipliers, caption length) is its own.
+MMSCALE_SHAPE_KEYS = {
+    "": ("embed_dim", "max_logit_scale"),
+    "vision": ("name", "image_size", "resize", "interpolation", "crop_pct", "mean", "std", "timm_kwargs", "proj"),
+    "text": ("name_or_path", "tokenizer", "config", "pooling", "proj", "attend_padding", "clean"),
+}
+
+
+def _mmscale_values(source: Source) -> dict[str, Any]:
+    """The shape of an mmscale dual encoder (a run, checkpoint or export) from its config; no weights read.
+
+    Its trained weights, logit scale included, replace everything when the model is built
+    (`source_state_dict`), LoRA adapters merged in.
+    """
+    from mmscale.models import load
+
+    folder = Path(source.path)
+    if load.is_export_dir(folder):
+        spec = load.ModelSpec.from_json(json.loads((folder / load.CONFIG_FILE).read_text()), root=folder)
+        kind, model_cfg, with_bias = spec.kind, spec.model, spec.with_bias
+    else:
+        run = load.read_run_config(load.resolve_checkpoint(folder))
+        kind, model_cfg, with_bias = "dual_encoder", run.model, run.loss.kind == "siglip"
+    if kind != "dual_encoder":
+        raise ConfigError(f"model.init_from: {source.init_from} holds a {kind}, not a dual encoder")
+    cfg = to_dict(model_cfg)
+    values = {k: cfg[k] for k in MMSCALE_SHAPE_KEYS[""]}
+    for tower in ("vision", "text"):
+        values[tower] = {k: cfg[tower][k] for k in MMSCALE_SHAPE_KEYS[tower]}
+    if with_bias:
+        values["init_logit_bias"] = cfg["init_logit_bias"]
+    return values
 
 
 def _module_source(source: Source) -> Source:
@@ -739,6 +781,9 @@ def resolve_model_config(model_cfg: ModelConfig, download: bool = True, weights:
         return model_cfg
     source = locate_source(model_cfg.init_from, model_cfg.init_format, download=download)
     arch = describe(source, weights=weights, download=download)
+    if source.format == "mmscale" and model_cfg.text.tokenizer:
+        # A tokenizer the user names wins: an export keeps a copy of the run's under another path.
+        arch.values["text"].pop("tokenizer", None)
     # A timm tower's data config and input size are defaults (timm resamples position embeddings to
     # another size); a whole model's shape and preprocessing are what it was trained with.
     return merge_values(model_cfg, arch.values, model_cfg.init_from, soft=source.format == "timm")
@@ -821,6 +866,11 @@ def source_state_dict(model_cfg: ModelConfig, model: nn.Module) -> dict[str, tor
     source = locate_source(model_cfg.init_from, model_cfg.init_format)
     if source.format == "timm":
         return {}  # the vision tower loaded its own weights through timm; the rest is the user's
+    if source.format == "mmscale":
+        from mmscale.models.load import load_model
+
+        loaded = load_model(source.path, kind="dual_encoder").merge_lora()
+        return {k: v.detach().float() if v.is_floating_point() else v for k, v in loaded.model.state_dict().items()}
     if source.format == "sentence_transformers":
         return _transformers_state(_module_source(source))
     if source.format == "transformers":
@@ -879,8 +929,9 @@ def load_pretrained_weights(model: nn.Module, model_cfg: ModelConfig) -> None:
     state = source_state_dict(model_cfg, model)
     if not state:
         return
-    # transformers 4's CLIPTextModel / SiglipTextModel nest the transformer as `text_model`.
-    state = convert.nest_text(state, "text.text_model." if hasattr(model.text, "text_model") else "text.")
+    if locate_source(model_cfg.init_from, model_cfg.init_format).format != "mmscale":  # those have our names already
+        # transformers 4's CLIPTextModel / SiglipTextModel nest the transformer as `text_model`.
+        state = convert.nest_text(state, "text.text_model." if hasattr(model.text, "text_model") else "text.")
     own = model.state_dict()
     if "logit_bias" in state and "logit_bias" not in own:
         log.warning("%s has a logit bias (SigLIP); loss.kind=clip does not use it, so it is dropped", model_cfg.init_from)

@@ -331,24 +331,96 @@ class Checkpointer:
         return client_state or {}, rank_state
 
     def to_universal(self, path: Path) -> Path:
-        """A DeepSpeed universal copy of `path` next to it (converted once, by rank 0)."""
+        """A DeepSpeed universal copy of `path` next to it, converted once by rank 0 with parallel workers.
+
+        A large model's conversion can take longer than the collective timeout (`train.timeout_s`), so the
+        other ranks do not wait for it in a barrier: they watch the filesystem for the finished copy (or
+        rank 0's failure note), logging progress, and give up only when rank 0's heartbeat stops.
+        """
         out = path.parent / (UNIVERSAL_PREFIX + path.name)
+        heartbeat = path.parent / f".converting-{path.name}"
+        failed = path.parent / f".conversion-failed-{path.name}"
         if self.rank == 0 and not (out / COMPLETE_MARKER).is_file():
+            failed.unlink(missing_ok=True)
+            beat = _Heartbeat(heartbeat)
             try:
-                convert_to_universal(path, out)
-            except _LOAD_ERRORS as exc:
-                raise CheckpointError(
-                    f"{path}: the conversion to a universal checkpoint (world size changed) failed "
-                    f"({_first_line(exc)}); {damaged_fix(path)}"
-                ) from exc
+                convert_to_universal(path, out, workers=_conversion_workers())
+            except (*_LOAD_ERRORS, OSError, RuntimeError, ValueError, KeyError) as exc:
+                message = (f"{path}: the conversion to a universal checkpoint (world size changed) failed "
+                           f"({_first_line(exc)}); {damaged_fix(path)}")
+                failed.write_text(message)
+                raise CheckpointError(message) from exc
+            finally:
+                beat.stop()
+        elif self.rank != 0:
+            _wait_for_conversion(out, heartbeat, failed)
         distributed.barrier()
         if not (out / COMPLETE_MARKER).is_file():
             raise CheckpointError(f"universal conversion of {path} did not finish ({out})")
         return out
 
 
-def convert_to_universal(src: Path, out: Path) -> None:
-    """Run DeepSpeed's `ds_to_universal` on one checkpoint directory (single process)."""
+CONVERSION_STALE_S = 600  # rank 0's heartbeat older than this: it died converting
+_HEARTBEAT_S = 20
+
+
+class _Heartbeat:
+    """Touches a file every few seconds while rank 0 converts, so waiting ranks can tell it is alive."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path, self._stop = path, threading.Event()
+        path.write_text(f"{os.getpid()}\n")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)
+
+
+def _conversion_workers() -> int:
+    """Processes for DeepSpeed's extract/merge phases: this node's cores shared by its ranks (at most 8)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")) or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _wait_for_conversion(out: Path, heartbeat: Path, failed: Path, poll_s: float = 2.0) -> None:
+    """Wait (without a collective) until rank 0's universal copy is complete; raise if it failed or died."""
+    start = last_note = time.monotonic()
+    seen_beat = False
+    while not (out / COMPLETE_MARKER).is_file():
+        if failed.is_file():
+            raise CheckpointError(failed.read_text().strip())
+        now = time.monotonic()
+        if heartbeat.is_file():
+            seen_beat = True
+            try:
+                stale = time.time() - heartbeat.stat().st_mtime > CONVERSION_STALE_S
+            except OSError:
+                stale = False
+            if stale:
+                raise CheckpointError(f"rank 0 stopped converting {out.name} (no heartbeat for "
+                                      f"{CONVERSION_STALE_S} s); rerun, or convert it offline with ds_to_universal")
+        elif not seen_beat and now - start > CONVERSION_STALE_S:
+            raise CheckpointError(f"rank 0 did not start converting {out.name} in {CONVERSION_STALE_S} s")
+        if now - last_note > 60:
+            log.info("waiting for rank 0's universal conversion of %s (%.0f s)", out.name, now - start)
+            last_note = now
+        time.sleep(poll_s)
+
+
+def convert_to_universal(src: Path, out: Path, workers: int = 1) -> None:
+    """Run DeepSpeed's `ds_to_universal` on one checkpoint directory (`workers` processes per phase)."""
     import argparse
 
     from deepspeed.checkpoint import ds_to_universal
@@ -359,8 +431,8 @@ def convert_to_universal(src: Path, out: Path) -> None:
     args = argparse.Namespace(
         input_folder=str(src),
         output_folder=str(tmp),
-        num_extract_workers=1,
-        num_merge_workers=1,
+        num_extract_workers=workers,
+        num_merge_workers=workers,
         keep_temp_folder=False,
         strict=True,
         # mmscale models carry no universal-checkpoint metadata (no tensor/pipeline

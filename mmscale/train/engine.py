@@ -80,10 +80,27 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters a submodule asks to keep out of weight decay (timm's `no_weight_decay()`: position
+    embeddings, class and register tokens), by their full names in `model`."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        ask = getattr(module, "no_weight_decay", None)
+        if not callable(ask) or isinstance(module, type):
+            continue
+        try:
+            names = ask()
+        except TypeError:  # a method of another meaning, not timm's hook
+            continue
+        out |= {f"{prefix}.{n}" if prefix else str(n) for n in names}
+    return out
+
+
 def param_groups(
     model: nn.Module, weight_decay: float, lr: float | None = None, model_cfg: ModelConfig | None = None
 ) -> list[dict[str, Any]]:
-    """AdamW groups: decay for matrices, none for norms, biases, 1-d tensors and the logit scale/bias.
+    """AdamW groups: decay for matrices, none for norms, biases, 1-d tensors, the logit scale/bias and what
+    timm's `no_weight_decay()` names (position embeddings, class tokens).
 
     With `model_cfg` (a dual encoder's), parameters are further grouped by their learning-rate
     multiplier (`model.{vision,text}.lr_mult`, `layer_decay`, `model.head_lr_mult`); each group
@@ -94,11 +111,13 @@ def param_groups(
     from mmscale.models.finetune import lr_multipliers
 
     mults = lr_multipliers(model, model_cfg) if model_cfg is not None and isinstance(model, DualEncoder) else {}
+    named_no_decay = no_weight_decay_names(model)
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or name.endswith(NO_DECAY_NAMES)
+        skip = (param.ndim < 2 or name.endswith("bias") or "norm" in name.lower() or name.endswith(NO_DECAY_NAMES)
+                or name in named_no_decay)
         groups.setdefault((not skip, mults.get(name, 1.0)), []).append(param)
     order = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], -key[1]))
     out = []
@@ -177,6 +196,7 @@ def build_engine(
         # One data-parallel rank has nothing to average, yet stage 0 would still flatten, all-reduce
         # and copy back every gradient after each backward (about 1.5% of a step here).
         engine.enable_backward_allreduce = False
+    _skip_non_finite_updates(engine.optimizer)
     if exact and engine.bfloat16_enabled() and hasattr(engine.module, "set_fp32_scalars"):
         # DeepSpeed made the fp32 masters from the bf16-cast values: put the exact ones back.
         params = dict(engine.module.named_parameters())
@@ -186,6 +206,34 @@ def build_engine(
         _refresh_after(engine, "step")  # every caller of step() / load_checkpoint() gets it, the loop or a test
         _refresh_after(engine, "load_checkpoint")
     return engine, ds_optimizer, ds_scheduler
+
+
+def _skip_non_finite_updates(optimizer) -> None:
+    """Give a plain torch optimizer DeepSpeed's `overflow` contract: no update from a non-finite gradient.
+
+    DeepSpeed's ZeRO and bf16 optimizers measure the global gradient norm and, when it is not finite,
+    skip the update and the lr schedule (`engine.was_step_applied()` is then False). A plain optimizer
+    (stage 0 in fp32) would apply the NaN; this makes it check first — all ranks agree, one
+    reduction per step — and report `overflow` the same way.
+    """
+    if hasattr(optimizer, "overflow") or not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    from mmscale import distributed
+
+    step = optimizer.step
+    optimizer.overflow = False
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        flag = finite.float().reshape(1).to(distributed.comm_device())
+        optimizer.overflow = not bool(distributed.all_reduce_tensor(flag, "min").item() > 0)
+        if optimizer.overflow:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = checked_step
 
 
 def _refresh_after(engine, method: str) -> None:

@@ -17,6 +17,10 @@ gradient of the loss that pass 1 computed.
 
 Which samples share a chunk does not matter to that sum — not even whether a chunk's images and
 captions belong to the same samples, since image and text embeddings are computed independently.
+A batch is two streams of rows (`ChunkPlan`): images (the positives, then each row's mined hard
+negatives) and texts (the captions, then a text-pair batch's documents), each in chunks of
+`chunk_size`; with negatives there are more image chunks than text chunks, and a chunk may hold
+images only. The loss gets the streams split back (`call_loss`).
 So image chunks are contiguous slices of the batch (views: nothing is copied until a chunk goes to
 the device), and with `group_by_length` caption chunks are formed from captions of similar length,
 each cut to its longest caption, so the padding the loader adds is never encoded. The loss still
@@ -39,11 +43,13 @@ partitions (`data_types.grad_accum_dtype`) for per_chunk, fp32 accumulators here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mmscale import distributed
 
@@ -51,8 +57,17 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
 LOCKED_FEATURES = {"image_features": ("pixel_values",), "text_features": ("input_ids", "attention_mask")}
 REDUCTIONS = ("coalesced", "per_chunk")  # and auto: see reduces_per_chunk
+LOSS_INPUTS = ("negative_mask", "image_ids")  # what the loss takes besides embeddings, moved to the device once
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+
+
+def step_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """A loader batch (data/) as the step's inputs: pixels, negatives' pixels, tokens, documents' tokens, masks."""
+    names = {"image": "pixel_values", "negatives": "negative_pixels", "input_ids": "input_ids",
+             "attention_mask": "attention_mask", "doc_input_ids": "doc_input_ids",
+             "doc_attention_mask": "doc_attention_mask", "negative_mask": "negative_mask", "image_ids": "image_ids"}
+    return {step: batch[name] for name, step in names.items() if batch.get(name) is not None}
 
 
 # --------------------------------------------------------------------------- how a batch is cut
@@ -68,40 +83,101 @@ def last_real_column(attention_mask: torch.Tensor) -> int:
 class ChunkPlan:
     """How one rank's batch is cut into chunks, decided on the host once per batch.
 
-    Images go in contiguous slices of `chunk_size`. Captions go in `text_rows` (row indices per
-    chunk, longest captions first) or, when None, in the same contiguous slices; `text_lengths[i]`
-    is the width chunk i's captions are cut to (None: no attention mask, nothing cut).
+    A batch of `rows` samples is two streams of rows. Images: the positives, then (`negatives` K > 0)
+    the K mined negatives of each row, row by row. Texts: the captions (queries), then (`documents`)
+    the text pairs' documents. Each stream goes in chunks of `chunk_size`: images in contiguous
+    slices, texts in `text_rows` (row indices per chunk, longest first) or, when None, contiguous
+    slices; `text_lengths[i]` is the width text chunk i is cut to (None: no attention mask, nothing
+    cut). Chunk i holds image chunk i and text chunk i, where the stream has one: a batch with
+    negatives has more image chunks than text chunks.
     """
 
     rows: int
     chunk_size: int
     text_rows: tuple[torch.Tensor, ...] | None
     text_lengths: tuple[int, ...] | None
+    negatives: int = 0
+    documents: bool = False
+    has_images: bool = True
+
+    @property
+    def images(self) -> int:
+        """Rows of the image stream."""
+        return self.rows * (1 + self.negatives) if self.has_images else 0
+
+    @property
+    def texts(self) -> int:
+        """Rows of the text stream."""
+        return self.rows * (2 if self.documents else 1)
+
+    @property
+    def image_chunks(self) -> int:
+        return -(-self.images // self.chunk_size)
+
+    @property
+    def text_chunks(self) -> int:
+        return -(-self.texts // self.chunk_size)
 
     @property
     def n_chunks(self) -> int:
-        return -(-self.rows // self.chunk_size)
+        return max(self.image_chunks, self.text_chunks)
 
-    def slice(self, i: int) -> slice:
-        """Chunk i's rows as a slice of the batch (images; captions when not grouped)."""
-        return slice(i * self.chunk_size, min((i + 1) * self.chunk_size, self.rows))
+    def image_slice(self, i: int) -> slice | None:
+        """Chunk i's rows of the image stream (None: the chunk has no images)."""
+        return slice(i * self.chunk_size, min((i + 1) * self.chunk_size, self.images)) if i < self.image_chunks else None
+
+    def text_slice(self, i: int) -> slice | None:
+        """Chunk i's rows of the text stream when not grouped by length (None: the chunk has no texts)."""
+        return slice(i * self.chunk_size, min((i + 1) * self.chunk_size, self.texts)) if i < self.text_chunks else None
+
+    def backward_order(self) -> list[int]:
+        """Pass 2's chunk order: the kept (last) chunk first, and last of all a chunk holding both streams.
+
+        The final backward is where the bf16 fp32 sums are written back and the scale's term rides, so it
+        must reach every parameter the others reached: with negatives the later chunks hold images only.
+        """
+        last = self.n_chunks - 1
+        order = list(range(last))
+        both = min(self.image_chunks, self.text_chunks) - 1
+        if 0 <= both < last:
+            order.remove(both)
+            order.append(both)
+        return [last, *order]
+
+
+def _text_masks(batch: dict[str, Any]) -> torch.Tensor | None:
+    """The text stream's attention masks on the host: captions, then documents."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return None
+    docs = batch.get("doc_attention_mask")
+    return _join_rows(mask.cpu(), docs.cpu()) if docs is not None else mask.cpu()
+
+
+def _join_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` then rows of `b` (token tensors; the narrower right-padded with zeros)."""
+    width = max(a.shape[1], b.shape[1])
+    a, b = (F.pad(t, (0, width - t.shape[1])) if t.shape[1] < width else t for t in (a, b))
+    return torch.cat([a, b])
 
 
 def plan_chunks(batch: dict[str, Any], chunk_size: int, group_by_length: bool) -> ChunkPlan:
-    """The chunks of a batch: contiguous images; captions grouped by length (when they differ) and cut."""
+    """The chunks of a batch: contiguous images; texts grouped by length (when they differ) and cut."""
     ref = next(batch[k] for k in MODEL_INPUTS if batch.get(k) is not None)
     rows = ref.shape[0]
-    mask = batch.get("attention_mask")
+    negatives = batch["negative_pixels"].shape[1] if batch.get("negative_pixels") is not None else 0
+    layout = {"negatives": negatives, "documents": batch.get("doc_input_ids") is not None,
+              "has_images": batch.get("pixel_values") is not None}
+    mask = _text_masks(batch)  # the loader's host copy: free; a device mask costs one sync per batch, not per chunk
     if mask is None:
-        return ChunkPlan(rows, chunk_size, None, None)
-    mask = mask.cpu()  # the loader's host copy: free; a device mask costs one sync per batch, not per chunk
+        return ChunkPlan(rows, chunk_size, None, None, **layout)
     text_rows = None
     lengths = mask.sum(1)
     if group_by_length and not bool((lengths == lengths[0]).all()):
         order = torch.sort(lengths, descending=True, stable=True).indices
         text_rows = tuple(order.split(chunk_size))
-    parts = text_rows or tuple(torch.arange(rows).split(chunk_size))
-    return ChunkPlan(rows, chunk_size, text_rows, tuple(last_real_column(mask[p]) for p in parts))
+    parts = text_rows or tuple(torch.arange(mask.shape[0]).split(chunk_size))
+    return ChunkPlan(rows, chunk_size, text_rows, tuple(last_real_column(mask[p]) for p in parts), **layout)
 
 
 class ChunkedBatch:
@@ -115,28 +191,44 @@ class ChunkedBatch:
         self.plan = plan
         self.device = device
         self.pixels = batch.get("pixel_values")
-        self.tokens = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask")
-                       if batch.get(k) is not None}  # fmt: skip
+        negatives = batch.get("negative_pixels")
+        self.negative_pixels = negatives.flatten(0, 1) if negatives is not None else None  # a view: row-major [B*K]
+        self.tokens = {}
+        for name, doc in (("input_ids", "doc_input_ids"), ("attention_mask", "doc_attention_mask")):
+            if batch.get(name) is not None:
+                value = batch[name] if batch.get(doc) is None else _join_rows(batch[name], batch[doc])
+                self.tokens[name] = value.to(device, non_blocking=True)
         rows = plan.text_rows
         self.text_rows = [r.to(device, non_blocking=True) for r in rows] if rows is not None else None
 
     def __len__(self) -> int:
         return self.plan.n_chunks
 
+    def _image_rows(self, part: slice) -> torch.Tensor:
+        """Rows of the image stream on the host: views of the positives or the negatives (a copy only across both)."""
+        b = self.plan.rows
+        if part.stop <= b or self.negative_pixels is None:
+            return self.pixels[part]
+        if part.start >= b:
+            return self.negative_pixels[part.start - b : part.stop - b]
+        return torch.cat([self.pixels[part.start :], self.negative_pixels[: part.stop - b]])
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Chunk i's model inputs on the device (and its caption width, so the model cuts without a sync)."""
-        part = self.plan.slice(i)
+        plan = self.plan
         out: dict[str, Any] = {}
-        if self.pixels is not None:
-            out["pixel_values"] = self.pixels[part].to(self.device, non_blocking=True)
-        for k, v in self.tokens.items():
-            out[k] = v.index_select(0, self.text_rows[i]) if self.text_rows is not None else v[part]
-        if self.plan.text_lengths is not None and "input_ids" in out:
-            out["text_length"] = self.plan.text_lengths[i]
+        part = plan.image_slice(i)
+        if self.pixels is not None and part is not None:
+            out["pixel_values"] = self._image_rows(part).to(self.device, non_blocking=True)
+        if i < plan.text_chunks:
+            for k, v in self.tokens.items():
+                out[k] = v.index_select(0, self.text_rows[i]) if self.text_rows is not None else v[plan.text_slice(i)]
+            if plan.text_lengths is not None and "input_ids" in out:
+                out["text_length"] = plan.text_lengths[i]
         return out
 
     def text_in_batch_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Caption rows computed chunk by chunk, back in batch order."""
+        """Text rows computed chunk by chunk, back in stream order (captions, then documents)."""
         joined = torch.cat(parts)
         if self.text_rows is None:
             return joined
@@ -144,8 +236,19 @@ class ChunkedBatch:
         return joined[inverse]
 
     def text_grad(self, grad: torch.Tensor, i: int) -> torch.Tensor:
-        """Chunk i's rows of a batch-order caption gradient."""
-        return grad.index_select(0, self.text_rows[i]) if self.text_rows is not None else grad[self.plan.slice(i)]
+        """Chunk i's rows of a stream-order text gradient."""
+        return grad.index_select(0, self.text_rows[i]) if self.text_rows is not None else grad[self.plan.text_slice(i)]
+
+
+def call_loss(loss_fn: LossFn, plan: ChunkPlan, image_emb: torch.Tensor | None, text_emb: torch.Tensor,
+              scale: torch.Tensor, bias: torch.Tensor | None, loss_inputs: dict[str, Any]):  # fmt: skip
+    """The loss on a batch's two embedding streams, split back into positives, negatives, captions and documents."""
+    b, kwargs = plan.rows, {}
+    if plan.negatives and image_emb is not None:
+        kwargs.update(negative_emb=image_emb[b:].view(b, plan.negatives, -1), **loss_inputs)
+    if plan.documents:
+        kwargs["doc_emb"] = text_emb[b:]
+    return loss_fn(image_emb[:b] if image_emb is not None else None, text_emb[:b], scale, bias, **kwargs)
 
 
 def with_locked_features(chunk: dict[str, Any], features: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -322,11 +425,12 @@ def gradcache_step(
 
     Returns the loss components (tensors) plus `finite` (agreed on all ranks) and `chunks`. When
     `finite` is False no gradient reached the engine on any rank: the caller should skip
-    `engine.step()`. Collective: every rank must call it with the same per-rank batch size.
+    `engine.step()`. Collective: every rank must call it with batches of the same shapes.
     """
     device = distributed.comm_device() if distributed.is_initialized() else engine.device
     plan = plan_chunks(batch, chunk_size, group_by_length)
     chunks = ChunkedBatch(batch, plan, device)
+    loss_inputs = {k: batch[k].to(device, non_blocking=True) for k in LOSS_INPUTS if batch.get(k) is not None}
 
     # Pass 1: embeddings without a graph, except for the last chunk: its graph is kept, and its
     # backward runs first in pass 2, so that one chunk is encoded once instead of twice while at
@@ -338,30 +442,33 @@ def gradcache_step(
         rng_states.append(get_rng_state())
         with torch.set_grad_enabled(i == last):
             out = engine(**chunks[i])
-        image_parts.append(out["image_emb"].detach())
-        text_parts.append(out["text_emb"].detach())
+        if out.get("image_emb") is not None:
+            image_parts.append(out["image_emb"].detach())
+        if out.get("text_emb") is not None:
+            text_parts.append(out["text_emb"].detach())
         locked_parts.append({k: out[k].detach() for k in LOCKED_FEATURES if out.get(k) is not None})
     kept = out
     rng_after = get_rng_state()
 
     # Loss on the global batch in fp32; backward to the cached leaves only (the gather's backward is
     # an all-reduce, so this too runs on every rank). Back to batch order: the loss pairs row i with row i.
-    image_emb = torch.cat(image_parts).float().requires_grad_(True)
+    image_emb = torch.cat(image_parts).float().requires_grad_(True) if image_parts else None
     text_emb = chunks.text_in_batch_order(text_parts).float().requires_grad_(True)
     scale = out["logit_scale"].detach().float().requires_grad_(True)
     bias = out["logit_bias"].detach().float().requires_grad_(True) if out["logit_bias"] is not None else None
     with torch.enable_grad():
-        loss, components = loss_fn(image_emb, text_emb, scale, bias)
+        loss, components = call_loss(loss_fn, plan, image_emb, text_emb, scale, bias, loss_inputs)
     if not all_ranks_finite(loss):
         return _result(loss, components, False, len(chunks))
-    leaves = [image_emb, text_emb, scale] + ([bias] if bias is not None else [])
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    image_grad, text_grad = grads[0], grads[1]
-    scalar_grads = [(name, g) for name, g in zip(("logit_scale", "logit_bias"), grads[2:]) if g is not None]
+    leaves = {"text": text_emb, "image": image_emb, "logit_scale": scale, "logit_bias": bias}
+    leaves = {k: v for k, v in leaves.items() if v is not None}
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+    image_grad, text_grad = grads.get("image"), grads["text"]
+    scalar_grads = [(name, grads[name]) for name in ("logit_scale", "logit_bias") if grads.get(name) is not None]
 
     # Pass 2: push the cached gradients through each chunk's graph: the kept one first, then the
     # others re-encoded under the same RNG state as in pass 1.
-    order = [last, *range(last)]
+    order = plan.backward_order()
     with chunk_reduction(engine, len(chunks), grad_reduction) as chunk_context:
         for position, i in enumerate(order):
             with chunk_context(position):
@@ -371,8 +478,11 @@ def gradcache_step(
                 else:
                     out = kept
                 # d/dθ Σ e·g = (∂e/∂θ)ᵀ g with g held constant: the chunk's share of dL/dθ.
-                surrogate = (out["image_emb"].float() * image_grad[plan.slice(i)]).sum()
-                surrogate = surrogate + (out["text_emb"].float() * chunks.text_grad(text_grad, i)).sum()
+                surrogate = out["logit_scale"].new_zeros(()).float()
+                if out.get("image_emb") is not None:
+                    surrogate = surrogate + (out["image_emb"].float() * image_grad[plan.image_slice(i)]).sum()
+                if out.get("text_emb") is not None:
+                    surrogate = surrogate + (out["text_emb"].float() * chunks.text_grad(text_grad, i)).sum()
                 if position == last:
                     # The scale/bias term of the chain rule, added exactly once per step, in the last
                     # backward (which the bf16 fp32-sum and the per-chunk reduction treat as final).
@@ -390,19 +500,26 @@ def plain_step(
     """One ordinary forward/backward over the whole per-rank batch (gradient cache off).
 
     With `group_by_length` (and `chunk_size`), the batch is encoded in groups of `chunk_size`
-    captions of similar length, all with their graphs, so the text tower skips the padding as in
-    the cached step; the loss and the single backward still see the whole batch in its order.
+    texts of similar length (and images in groups of `chunk_size`), all with their graphs, so the
+    text tower skips the padding as in the cached step; the loss and the single backward still see
+    the whole batch in its order.
     """
     device = distributed.comm_device() if distributed.is_initialized() else engine.device
-    plan = plan_chunks(batch, chunk_size or len(next(iter(batch.values()))), group_by_length)
-    if plan.text_rows is None:  # one forward, cut to the batch's longest caption
-        plan = ChunkPlan(plan.rows, plan.rows, None, None if plan.text_lengths is None else (max(plan.text_lengths),))
+    rows = next(batch[k] for k in MODEL_INPUTS if batch.get(k) is not None).shape[0]
+    plan = plan_chunks(batch, chunk_size or rows, group_by_length)
+    if plan.text_rows is None:  # one forward, cut to the batch's longest text
+        whole = max(plan.images, plan.texts)
+        lengths = None if plan.text_lengths is None else (max(plan.text_lengths),)
+        plan = dataclasses.replace(plan, chunk_size=whole, text_lengths=lengths)
     chunks = ChunkedBatch(batch, plan, device)
+    loss_inputs = {k: batch[k].to(device, non_blocking=True) for k in LOSS_INPUTS if batch.get(k) is not None}
     outs = [engine(**chunks[i]) for i in range(len(chunks))]
     out = outs[-1]  # the logit scale/bias are the same in every group's output
-    image_emb = torch.cat([o["image_emb"] for o in outs])
-    text_emb = chunks.text_in_batch_order([o["text_emb"] for o in outs])
-    loss, components = loss_fn(image_emb, text_emb, out["logit_scale"], out["logit_bias"])
+    images = [o["image_emb"] for o in outs if o.get("image_emb") is not None]
+    image_emb = torch.cat(images) if images else None
+    text_emb = chunks.text_in_batch_order([o["text_emb"] for o in outs if o.get("text_emb") is not None])
+    loss, components = call_loss(loss_fn, plan, image_emb, text_emb, out["logit_scale"], out["logit_bias"],
+                                 loss_inputs)  # fmt: skip
     if not all_ranks_finite(loss):
         return _result(loss, components, False, len(chunks))
     engine.backward(loss)

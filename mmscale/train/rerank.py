@@ -3,9 +3,10 @@
 Each training example is a group: a caption, its image (the positive, column 0) and
 `rerank.group_size - 1` mined negative images. The loss is listwise softmax cross-entropy
 over the group plus KL distillation towards the bi-encoder's own softmax over the same
-group. The engine, checkpoints, resume, TensorBoard and progress are the first stage's
-(DeepSpeed ZeRO via `build_engine`, `Checkpointer`, `Monitor`); the run lives in
-`OUTPUT_DIR/rerank` so it never touches the bi-encoder's checkpoints.
+group. The stage runs on the first stage's Trainer (train/loop.py): the same engine,
+checkpoints, exact resume, preemption (SIGTERM, SIGUSR1, Ctrl-C), non-finite guards,
+refusal of changed settings and TensorBoard; the run lives in `OUTPUT_DIR/rerank` so it
+never touches the bi-encoder's checkpoints.
 
 Images are looked up by key in an in-memory index of the mined shards (decoded and
 normalised once): right for demo- and research-scale corpora, not for billions of images.
@@ -17,12 +18,16 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from mmscale import distributed
-from mmscale.config import Config, dump_yaml, validate_world
+from mmscale.config import Config
+from mmscale.errors import BadInputError
 from mmscale.losses.ranking import rerank_loss
+from mmscale.train.loop import Stage, Trainer, run
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ def rerank_run_config(cfg: Config, model_cfg) -> Config:
         steps=r.steps,
         warmup_steps=r.warmup_steps,
         gradcache=False,  # groups are scored independently: no in-batch negatives to cache
+        eval_every=0,  # re-ranking the held-out split is costly: once, at the end
     )
     return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / "rerank"), train=train, model=model_cfg)
 
@@ -103,101 +109,139 @@ def load_images(
     return images
 
 
-def train_reranker(cfg: Config) -> int:
-    """Train the reranker from `mine.checkpoint`'s towers on `rerank.mined`; evaluate on `data.val` at the end."""
-    from mmscale.evaluate import load_bi_encoder
-    from mmscale.models import load_tokenizer
-    from mmscale.models.reranker import build_reranker
-    from mmscale.monitor import Monitor
-    from mmscale.retrieval.mining import mined_dir, read_mined
-    from mmscale.train.checkpoint import Checkpointer, resolve_resume
-    from mmscale.train.engine import build_engine
+class GroupBatches:
+    """The reranker's data as the Trainer reads it: an endless stream of group batches, resumable by position.
 
-    if cfg.model.kind == "vlm":  # [vlm] a VLM cross-encoder: the first stage's trainer with the rerank task
-        from mmscale.train.loop import train  # [vlm]
-        from mmscale.train.vlm_step import VlmRerankTask, vlm_rerank_run_config  # [vlm]
+    Position p of this rank's stream is group `batch_indices(p, ...)`: epochs of seeded permutations
+    shared by all ranks, each rank its own slice of every global batch. The state is just the next
+    position, so a resume continues with exactly the groups the uninterrupted run would have seen.
+    """
 
-        return train(vlm_rerank_run_config(cfg), task_class=VlmRerankTask)  # [vlm]
-    if not cfg.mine.checkpoint:
-        raise ValueError("mine.checkpoint: the bi-encoder whose towers start the reranker (and that mined)")
-    info = distributed.init_distributed(cfg.train.timeout_s)
-    rank, world = info.rank, info.world_size
-    torch.manual_seed(cfg.train.seed)
-    bi_encoder, model_cfg = load_bi_encoder(cfg.mine.checkpoint)
-    teacher = copy.deepcopy(bi_encoder)  # the reranker trains the shared towers; keep the bi-encoder intact
-    reranker = build_reranker(bi_encoder, cfg.rerank).train()
-    run = validate_world(rerank_run_config(cfg, model_cfg), world)
-    r, t = run.rerank, run.train
+    def __init__(self, data: RerankGroups, rank: int, world_size: int, per_rank: int, seed: int) -> None:
+        self.data, self.rank, self.world_size, self.per_rank, self.seed = data, rank, world_size, per_rank, seed
+        self.position = 0  # batches this rank has handed out
 
-    records, summary = read_mined(r.mined or mined_dir(cfg))
-    tokenizer = load_tokenizer(model_cfg.text)
-    wanted = {k for rec in records for k in [rec["positive_key"], *rec["negative_keys"][: r.group_size - 1]]}
-    images = load_images(
-        cfg.mine.data or cfg.data.train, wanted, preprocess=teacher.preprocess,
-        tokenizer=tokenizer, max_length=model_cfg.text.max_length,
-    )  # fmt: skip
-    scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(teacher.scale_and_bias()[0].detach())
-    data = RerankGroups(records, images, tokenizer, model_cfg.text.max_length, r.group_size, scale)
-    if len(data) == 0:
-        raise ValueError(f"no mined group has {r.group_size - 1} negatives with images; lower rerank.group_size")
+    @property
+    def epoch(self) -> int:
+        return self.position * self.world_size * self.per_rank // max(len(self.data), 1)
 
-    engine, _, _ = build_engine(run, reranker, world)
-    ckpt = Checkpointer(run.output_dir, t.keep_checkpoints, rank, world)
-    start = 0
-    resume_from = resolve_resume(t.resume, run.output_dir)
-    if resume_from is not None:
-        client, _ = ckpt.load(engine, resume_from)
-        start = int(client["step"])
-    monitor = Monitor(run.output_dir, t.steps, start, enabled=rank == 0)
-    config_yaml = dump_yaml(run)
-    monitor.log_config(config_yaml)
-    monitor.message(
-        f"reranker: {len(data)} groups of {r.group_size} ({data.dropped} short groups dropped), "
-        f"{len(images)} images in memory, teacher scale {scale:.2f}, from step {start}"
-    )
-    per_rank = r.global_batch_size // world
-    for step in range(start, t.steps):
-        batch = data.batch(batch_indices(step, rank, world, per_rank, len(data), t.seed))
-        scores = engine(batch["pixels"].to(info.device), batch["input_ids"].to(info.device),
-                        batch["attention_mask"].to(info.device))  # fmt: skip
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:  # a resume on another world size restarts at an epoch's start
+        self.position = -(-epoch * len(self.data) // (self.world_size * self.per_rank))
+
+    def __iter__(self):
+        while True:
+            indices = batch_indices(self.position, self.rank, self.world_size, self.per_rank, len(self.data),
+                                    self.seed)  # fmt: skip
+            self.position += 1
+            yield self.data.batch(indices)
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def data_counts(self) -> dict:
+        return {"bad_samples": {}, "bad_shards": {}, "padded_samples": 0}
+
+
+class RerankerStage(Stage):
+    """`mmscale rerank`: the cross-encoder from the bi-encoder's towers, trained on its mined groups."""
+
+    name = "reranker"
+    # The first stage's loss and cadence do not define the reranker's run.
+    resume_may_change = ("loss", "rerank.steps")  # rerank.steps is the run's train.steps, which may grow
+
+    def __init__(self, cfg: Config) -> None:
+        from mmscale.evaluate import load_bi_encoder
+
+        if not cfg.mine.checkpoint:
+            raise BadInputError("mine.checkpoint: set it to the bi-encoder whose towers start the reranker (and that mined)")
+        self.user_cfg = cfg
+        self.bi_encoder, model_cfg = load_bi_encoder(cfg.mine.checkpoint)
+        super().__init__(rerank_run_config(cfg, model_cfg))
+        self.results: dict = {}
+
+    def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
+        from mmscale.models import load_tokenizer
+        from mmscale.models.reranker import build_reranker
+
+        self.teacher = copy.deepcopy(self.bi_encoder).to(trainer.dist.device)  # the bi-encoder stays intact
+        self.tokenizer = load_tokenizer(self.cfg.model.text)
+        return build_reranker(self.bi_encoder, self.cfg.rerank).train()
+
+    def build_loader(self, trainer: Trainer) -> GroupBatches:
+        from mmscale.retrieval.mining import mined_dir, read_mined
+
+        r, m = self.cfg.rerank, self.cfg.model
+        records, summary = read_mined(r.mined or mined_dir(self.user_cfg))
+        wanted = {k for rec in records for k in [rec["positive_key"], *rec["negative_keys"][: r.group_size - 1]]}
+        images = load_images(
+            self.user_cfg.mine.data or self.user_cfg.data.train, wanted, preprocess=self.teacher.preprocess,
+            tokenizer=self.tokenizer, max_length=m.text.max_length,
+        )  # fmt: skip
+        scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(self.teacher.scale_and_bias()[0])
+        data = RerankGroups(records, images, self.tokenizer, m.text.max_length, r.group_size, scale)
+        if len(data) == 0:
+            raise BadInputError(f"rerank.mined: no mined group has {r.group_size - 1} negatives with images; "
+                                "lower rerank.group_size or mine more negatives (mine.num_negatives)")
+        if trainer.rank == 0:
+            log.info("reranker: %d groups of %d (%d short groups dropped), %d images in memory, teacher scale %.2f",
+                     len(data), r.group_size, data.dropped, len(images), scale)
+        per_rank = r.global_batch_size // trainer.world_size
+        return GroupBatches(data, trainer.rank, trainer.world_size, per_rank, self.cfg.train.seed)
+
+    def step(self, trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
+        from mmscale.train.gradcache import all_ranks_finite
+
+        r, device, engine = self.cfg.rerank, trainer.dist.device, trainer.engine
+        scores = engine(batch["pixels"].to(device, non_blocking=True), batch["input_ids"].to(device, non_blocking=True),
+                        batch["attention_mask"].to(device, non_blocking=True))  # fmt: skip
         loss, parts = rerank_loss(
-            scores, batch["teacher"].to(info.device), listwise_weight=r.listwise_weight,
+            scores, batch["teacher"].to(device, non_blocking=True), listwise_weight=r.listwise_weight,
             distill_weight=r.distill_weight, temperature=r.distill_temperature,
         )  # fmt: skip
-        engine.backward(loss)
-        engine.step()
-        # Every rank joins these reductions every step, so logging never desynchronises collectives.
-        metrics = {k: distributed.all_reduce_sum(v) / world for k, v in parts.items()}
-        metrics["accuracy"] = distributed.all_reduce_sum((scores.argmax(1) == 0).float().mean().item()) / world
-        metrics["lr"] = engine.get_lr()[0]
-        done = step + 1
-        log_now = done % t.log_every == 0 or done == t.steps
-        if log_now:
-            monitor.log_step(done, metrics)
-        monitor.progress(done, metrics, log_now)
-        if t.save_every and done % t.save_every == 0 and done < t.steps:
-            ckpt.save(engine, done, {"step": done}, {}, config_yaml)
-    ckpt.save(engine, t.steps, {"step": t.steps}, {}, config_yaml)
+        finite = all_ranks_finite(loss)
+        if finite:
+            engine.backward(loss)
+        return {**parts, "accuracy": (scores.detach().argmax(1) == 0).float().mean(), "finite": finite}
 
-    if cfg.data.val:
-        results = _evaluate(engine, teacher, run, cfg.data.val, tokenizer, info.device)
-        monitor.log_step(t.steps, {f"bi_encoder/{k}": v for k, v in results["bi_encoder"].items()}, group="eval")
-        monitor.log_step(t.steps, {f"reranked/{k}": v for k, v in results["reranked"].items()}, group="eval")
-        if rank == 0:
-            import json
+    def samples_per_step(self) -> int:
+        return self.cfg.rerank.global_batch_size
 
-            from mmscale.evaluate import resolve_trained
-            from mmscale.retrieval.rerank_eval import format_rerank_table
-            from mmscale.train.checkpoint import checkpoint_root, tag_for
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        if not self.user_cfg.data.val:
+            return {}
+        self.results = _evaluate(trainer.engine, self.teacher, self.cfg, self.user_cfg.data.val, self.tokenizer,
+                                 trainer.dist.device)  # fmt: skip
+        return {f"{side}/{k}": v for side in ("bi_encoder", "reranked") for k, v in self.results[side].items()}
 
-            # Name what was evaluated: this run's last step, and the bi-encoder it re-ranks.
-            results["checkpoint"] = {"path": str(checkpoint_root(run.output_dir) / tag_for(t.steps)), "step": t.steps}
-            results["bi_encoder_checkpoint"] = resolve_trained(cfg.mine.checkpoint)
-            (Path(run.output_dir) / "eval.json").write_text(json.dumps(results, indent=2))
-            monitor.message(format_rerank_table(results))
-    monitor.close()
-    distributed.barrier()
-    return 0
+    def finish(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not self.results or trainer.rank != 0:
+            return
+        import json
+
+        from mmscale.evaluate import resolve_trained
+        from mmscale.retrieval.rerank_eval import format_rerank_table
+        from mmscale.train.checkpoint import checkpoint_root, tag_for
+
+        t = self.cfg.train
+        # Name what was evaluated: this run's last step, and the bi-encoder it re-ranks.
+        self.results["checkpoint"] = {"path": str(checkpoint_root(self.cfg.output_dir) / tag_for(trainer.step)),
+                                      "step": trainer.step, "steps": t.steps}  # fmt: skip
+        self.results["bi_encoder_checkpoint"] = resolve_trained(self.user_cfg.mine.checkpoint)
+        (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(self.results, indent=2))
+        trainer.monitor.message(format_rerank_table(self.results))
+
+
+def train_reranker(cfg: Config) -> int:
+    """`mmscale rerank`: train the reranker from `mine.checkpoint`'s towers on `rerank.mined` (OUTPUT_DIR/rerank)."""
+    if cfg.model.kind == "vlm":  # a vision-language cross-encoder on the group shards (train/vlm_rerank.py)
+        from mmscale.train.vlm_rerank import VlmRerankStage
+
+        return run(VlmRerankStage(cfg))
+    return run(RerankerStage(cfg))
 
 
 def _evaluate(engine, teacher, run: Config, urls: str, tokenizer, device) -> dict:

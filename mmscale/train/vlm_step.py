@@ -24,7 +24,8 @@ gradient cache cuts the bag by tokens, not by samples:
 Which sequences share a chunk never changes a sequence's embedding (right padding, attention mask,
 positions computed per sequence), so the summed gradient is the dense one whatever the plan.
 
-The trainer calls `VlmTask` (built once per run): `model`, `build_loader`, `step`, `evaluate`.
+The Trainer (train/loop.py) runs `VlmStage`; the cross-encoder's stage (train/vlm_rerank.py) runs
+the same step over pair scores instead of embeddings (`cached_sequence_step`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import Config
-from mmscale.data.vlm import ChunkPlan, VlmChunks, plan_batch
+from mmscale.data.vlm import ChunkPlan, VlmChunks, VlmRenderer, plan_batch
+from mmscale.losses import build_loss
+from mmscale.train.engine import resolve_grad_reduction
 from mmscale.train.gradcache import all_ranks_finite, chunk_reduction, get_rng_state, set_rng_state
+from mmscale.train.loop import Stage, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +61,18 @@ def split_roles(emb: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def vlm_loss(loss_fn: LossFn, emb: torch.Tensor, group_size: int, scale: torch.Tensor, bias: torch.Tensor | None,
-             negative_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, Any]]:
+             negative_mask: torch.Tensor | None = None, image_ids: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, dict[str, Any]]:  # fmt: skip
     """The contrastive loss of a batch's embeddings: documents in the image role, queries in the text role.
 
-    With negatives (mined groups), `loss_fn` is called with `negatives=[B, K, D]` and `negative_mask=[B, K]`.
+    With negatives (mined groups) the two-tower loss's hard-negative path (`losses.contrastive`):
+    `negative_emb` [B, K, D], `negative_mask` [B, K], `image_ids` [B, 1 + K] (the documents' ids).
     """
     queries, documents, negatives = split_roles(emb, group_size)
     if negatives is None:
         return loss_fn(documents, queries, scale, bias)
-    return loss_fn(documents, queries, scale, bias, negatives=negatives, negative_mask=negative_mask)
+    return loss_fn(documents, queries, scale, bias, negative_emb=negatives, negative_mask=negative_mask,
+                   image_ids=image_ids)
 
 
 def _result(loss: torch.Tensor, components: dict[str, Any], finite: bool, plan: ChunkPlan,
@@ -175,10 +182,12 @@ def plain_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, o
     return _result(loss, components, True, plan, tokens)
 
 
-def embedding_loss(loss_fn: LossFn, group_size: int, negative_mask: torch.Tensor | None) -> RowsLoss:
+def embedding_loss(loss_fn: LossFn, group_size: int, batch: dict[str, Any], device: torch.device) -> RowsLoss:
     """The embedder's `RowsLoss`: `vlm_loss` of the sequence embeddings with the model's temperature."""
+    group = {k: batch[k].to(device) for k in ("negative_mask", "image_ids") if k in batch}
+
     def rows_loss(emb: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        return vlm_loss(loss_fn, emb, group_size, scalars["logit_scale"], scalars.get("logit_bias"), negative_mask)
+        return vlm_loss(loss_fn, emb, group_size, scalars["logit_scale"], scalars.get("logit_bias"), **group)
 
     return rows_loss
 
@@ -189,189 +198,85 @@ def vlm_gradcache_step(engine, batch: dict[str, Any], loss_fn: LossFn, *, group_
 
     `chunking`: chunk_tokens, chunk_size, pad_token_id, image_token_id, merge_size.
     """
-    mask = batch.get("negative_mask")
     device = distributed.comm_device() if distributed.is_initialized() else engine.device
-    rows_loss = embedding_loss(loss_fn, group_size, mask.to(device) if mask is not None else None)
+    rows_loss = embedding_loss(loss_fn, group_size, batch, device)
     return cached_sequence_step(engine, batch, rows_loss, output="emb", grad_reduction=grad_reduction, **chunking)
 
 
 def vlm_plain_step(engine, batch: dict[str, Any], loss_fn: LossFn, *, group_size: int, **chunking: Any) -> dict[str, Any]:
     """The embedder's plain step (gradient cache off)."""
-    mask = batch.get("negative_mask")
     device = distributed.comm_device() if distributed.is_initialized() else engine.device
-    rows_loss = embedding_loss(loss_fn, group_size, mask.to(device) if mask is not None else None)
+    rows_loss = embedding_loss(loss_fn, group_size, batch, device)
     return plain_sequence_step(engine, batch, rows_loss, output="emb", **chunking)
 
 
-# --------------------------------------------------------------------------- what the trainer calls
+# --------------------------------------------------------------------------- the trainer's stage
 
 
-class VlmTask:
-    """The model-specific part of training a `model.kind: vlm` run, behind four calls the trainer makes.
+class VlmStage(Stage):
+    """`mmscale train` with `model.kind: vlm`: the embedder, VLM batches, the token-budget gradient-cache step."""
 
-        task = VlmTask(cfg, pretrained=not resuming)    # on every rank, after seeding
-        task.model                                      # the VlmEmbedder to wrap in the engine
-        task.build_loader(rank, world_size, ...)        # the streaming loader of VLM batches
-        task.step(engine, batch)                        # forward/backward of one batch (no optimizer step)
-        task.evaluate(module, urls, device)             # query -> document retrieval metrics (collective)
-    """
+    name = "vlm-embedder"
+    resume_may_change = ("rerank",)  # the second stage's settings, in a config shared by both
 
-    def __init__(self, cfg: Config, pretrained: bool = True) -> None:
-        from mmscale.data.decode import parse_image_keys
-        from mmscale.data.vlm import VlmCodec, VlmRenderer
-        from mmscale.losses.vlm import build_vlm_loss
+    def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
         from mmscale.models.vlm import build_vlm_embedder, load_vlm_processor, self_contained_vlm
 
-        self.cfg = cfg
+        cfg = self.cfg
         self.processor = load_vlm_processor(cfg.model.vlm)
-        self.model: nn.Module = build_vlm_embedder(cfg.model, with_bias=cfg.loss.kind == "siglip",
-                                                   pretrained=pretrained, processor=self.processor)
-        self.preprocess = self.model.preprocess
-        self.renderer = VlmRenderer(self.processor.tokenizer, self.processor.chat_template, self.preprocess,
-                                    *vision_tokens(self.processor))
-        self.codec = VlmCodec(self.renderer, parse_image_keys(cfg.data.image_keys), cfg.data.text_key,
-                              cfg.data.max_pixels, negatives=cfg.model.vlm.negatives)
-        self.loss_fn = build_vlm_loss(cfg.loss)
+        model: nn.Module = build_vlm_embedder(cfg.model, with_bias=cfg.loss.kind == "siglip",
+                                              pretrained=not resuming, processor=self.processor)
+        self.preprocess = model.preprocess
+        self.renderer = VlmRenderer.from_processor(self.processor, self.preprocess)
+        self.codec = vlm_codec(cfg, self.renderer, negatives=cfg.data.hard_negatives)
+        self.loss_fn = build_loss(cfg.loss)
         # config.yaml then rebuilds the model with no hub: its transformers config inline, pixels resolved.
-        cfg.model = self_contained_vlm(cfg.model, self.model)
+        cfg.model = self_contained_vlm(cfg.model, model)
+        return model
 
-    def build_loader(self, data_cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
-                     pin_memory: bool = False, counts_cache=None, **_two_tower: Any):
-        """The training loader of this rank reading VLM samples (`mmscale.data.build_train_loader`'s arguments;
-        the two-tower ones, preprocess / tokenizer / max_length, are not used)."""
-        from mmscale.data import build_train_loader
+    def build_loader(self, trainer: Trainer) -> Any:
+        return vlm_train_loader(self.cfg, trainer, self.codec)
 
-        return build_train_loader(data_cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                                  preprocess=None, tokenizer=None, max_length=0, pin_memory=pin_memory,
-                                  counts_cache=counts_cache, codec=self.codec)
-
-    def step(self, engine, batch: dict[str, Any], grad_reduction: str = "coalesced") -> dict[str, Any]:
-        """One batch's gradient into the engine (`train.gradcache` chooses the cached or the plain step)."""
+    def chunking(self) -> dict[str, int]:
+        """How the step cuts a batch into forwards (`cached_sequence_step`'s keyword arguments)."""
         t = self.cfg.train
-        kwargs = dict(group_size=self.codec.group_size, chunk_tokens=t.chunk_tokens, chunk_size=t.chunk_size,
-                      pad_token_id=self.renderer.pad_token_id, image_token_id=self.renderer.image_token_id,
-                      merge_size=self.preprocess.merge_size)
-        if t.gradcache:
-            return vlm_gradcache_step(engine, batch, self.loss_fn, grad_reduction=grad_reduction, **kwargs)
-        return vlm_plain_step(engine, batch, self.loss_fn, **kwargs)
+        return dict(chunk_tokens=t.chunk_tokens, chunk_size=t.chunk_size, pad_token_id=self.renderer.pad_token_id,
+                    image_token_id=self.renderer.image_token_id, merge_size=self.preprocess.merge_size)
 
-    def evaluate(self, module: nn.Module, urls: str, device: torch.device) -> dict[str, float]:
-        """Query -> document retrieval on `urls` by all ranks together (collective)."""
+    def step(self, trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
+        t = self.cfg.train
+        if t.gradcache:
+            return vlm_gradcache_step(trainer.engine, batch, self.loss_fn, group_size=self.codec.group_size,
+                                      grad_reduction=resolve_grad_reduction(t), **self.chunking())
+        return vlm_plain_step(trainer.engine, batch, self.loss_fn, group_size=self.codec.group_size, **self.chunking())
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
         from mmscale.evaluate_vlm import evaluate_vlm
 
-        return evaluate_vlm(module, self.codec, urls, device=device, eval_cfg=self.cfg.eval, data_cfg=self.cfg.data,
-                            chunk_tokens=self.cfg.train.chunk_tokens, chunk_size=self.cfg.train.chunk_size,
-                            lockstep=self.cfg.train.zero_stage == 3)
+        if not self.cfg.data.val:
+            return {}
+        codec = vlm_codec(self.cfg, self.renderer)  # held-out pairs: no negatives
+        return evaluate_vlm(trainer.engine.module, codec, self.cfg.data.val, device=trainer.dist.device,
+                            eval_cfg=self.cfg.eval, data_cfg=self.cfg.data, chunk_tokens=self.cfg.train.chunk_tokens,
+                            chunk_size=self.cfg.train.chunk_size, lockstep=self.cfg.train.zero_stage == 3)
 
 
-def vision_tokens(processor: Any) -> tuple[str, str, str]:
-    """(image placeholder, vision start, vision end) token strings of a Qwen-VL processor."""
-    tok = processor.tokenizer
-    return (processor.image_token, getattr(processor, "vision_start_token", None) or getattr(tok, "vision_start_token",
-            "<|vision_start|>"), getattr(processor, "vision_end_token", None) or getattr(tok, "vision_end_token",
-            "<|vision_end|>"))
+def vlm_codec(cfg: Config, renderer: Any, negatives: int = 0, pairs: bool = False) -> Any:
+    """The sample codec of a VLM run's data section (`negatives` K per sample; `pairs`: a cross-encoder's)."""
+    from mmscale.data.decode import parse_image_keys
+    from mmscale.data.vlm import VlmCodec
+
+    d = cfg.data
+    return VlmCodec(renderer, parse_image_keys(d.image_keys), d.text_key, d.max_pixels, negatives=negatives,
+                    pairs=pairs)
 
 
+def vlm_train_loader(cfg: Config, trainer: Trainer, codec: Any) -> Any:
+    """The streaming training loader of this rank reading VLM samples through `codec`."""
+    from mmscale.data import build_train_loader
+    from mmscale.data.manifest import COUNTS_CACHE_NAME
 
-# --------------------------------------------------------------------------- the cross-encoder
-
-
-def mined_groups(cfg: Config) -> str:
-    """The group shards a VLM reranker trains on: rerank.mined's `groups/` (mmscale mine), or rerank.mined itself."""
-    from pathlib import Path
-
-    from mmscale.retrieval.groups import GROUPS_DIR
-    from mmscale.retrieval.mining import mined_dir
-
-    root = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
-    return str(root / GROUPS_DIR) if (root / GROUPS_DIR).is_dir() else str(root)
-
-
-def vlm_rerank_run_config(cfg: Config) -> Config:
-    """The config a VLM reranker trains under: rerank's batch / lr / steps, the mined group shards, OUTPUT_DIR/rerank."""
-    import dataclasses
-    from pathlib import Path
-
-    r = cfg.rerank
-    train = dataclasses.replace(cfg.train, global_batch_size=r.global_batch_size, lr=r.lr,
-                                min_lr=min(cfg.train.min_lr, r.lr), steps=r.steps, warmup_steps=r.warmup_steps)
-    data = dataclasses.replace(cfg.data, train=mined_groups(cfg))
-    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / "rerank"), train=train, data=data)
-
-
-def teacher_scale(cfg: Config) -> float:
-    """What the miner's cosines are multiplied by as the distillation teacher's logits.
-
-    `rerank.teacher_scale`, else the logit scale the miner recorded in its summary.json, else 20
-    (sentence-transformers' default scale).
-    """
-    import json
-    from pathlib import Path
-
-    from mmscale.retrieval.mining import mined_dir
-
-    if cfg.rerank.teacher_scale:
-        return float(cfg.rerank.teacher_scale)
-    root = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
-    for summary in (root / "summary.json", root.parent / "summary.json"):
-        if summary.is_file():
-            value = json.loads(summary.read_text()).get("logit_scale")
-            if value:
-                return float(value)
-    return 20.0
-
-
-class VlmRerankTask(VlmTask):
-    """The trainer's calls for a VLM cross-encoder (`mmscale rerank` with `model.kind: vlm`).
-
-    Batches are mined groups rendered as pairs (query with its positive, then each negative); the
-    step is the same token-budget gradient cache over the pairs' scores, with the listwise and
-    distillation losses (`losses.vlm.group_rerank_loss`).
-    """
-
-    def __init__(self, cfg: Config, pretrained: bool = True) -> None:
-        from mmscale.data.decode import parse_image_keys
-        from mmscale.data.vlm import VlmCodec, VlmRenderer
-        from mmscale.models.vlm import load_vlm_processor, self_contained_vlm
-        from mmscale.models.vlm_reranker import build_vlm_reranker
-
-        self.cfg = cfg
-        self.processor = load_vlm_processor(cfg.model.vlm)
-        self.model = build_vlm_reranker(cfg.model, pretrained=pretrained, processor=self.processor)
-        self.preprocess = self.model.preprocess
-        self.renderer = VlmRenderer(self.processor.tokenizer, self.processor.chat_template, self.preprocess,
-                                    *vision_tokens(self.processor))
-        self.codec = VlmCodec(self.renderer, parse_image_keys(cfg.data.image_keys), cfg.data.text_key,
-                              cfg.data.max_pixels, negatives=cfg.rerank.group_size - 1, pairs=True)
-        self.teacher_scale = teacher_scale(cfg)
-        cfg.model = self_contained_vlm(cfg.model, self.model)
-
-    def rows_loss(self, batch: dict[str, Any], device: torch.device) -> RowsLoss:
-        """The groups' loss from the pairs' scores (teacher: the miner's scores times `teacher_scale`)."""
-        from mmscale.losses.vlm import group_rerank_loss
-
-        r, g = self.cfg.rerank, self.codec.group_size
-        mask = batch["negative_mask"].to(device)
-        teacher = batch["scores"].to(device) * self.teacher_scale
-
-        def rows_loss(scores: torch.Tensor, scalars: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-            return group_rerank_loss(scores.view(-1, g), mask, teacher, listwise_weight=r.listwise_weight,
-                                     distill_weight=r.distill_weight, temperature=r.distill_temperature)
-
-        return rows_loss
-
-    def step(self, engine, batch: dict[str, Any], grad_reduction: str = "coalesced") -> dict[str, Any]:
-        """One batch of groups' gradient into the engine (cached or plain, as `train.gradcache` says)."""
-        t = self.cfg.train
-        device = distributed.comm_device() if distributed.is_initialized() else engine.device
-        kwargs = dict(output="scores", chunk_tokens=t.chunk_tokens, chunk_size=t.chunk_size,
-                      pad_token_id=self.renderer.pad_token_id, image_token_id=self.renderer.image_token_id,
-                      merge_size=self.preprocess.merge_size)
-        rows_loss = self.rows_loss(batch, device)
-        if t.gradcache:
-            return cached_sequence_step(engine, batch, rows_loss, grad_reduction=grad_reduction, **kwargs)
-        return plain_sequence_step(engine, batch, rows_loss, **kwargs)
-
-    def evaluate(self, module: nn.Module, urls: str, device: torch.device) -> dict[str, float]:
-        """No evaluation during reranker training: `mmscale eval EMBEDDER --reranker RUN` re-ranks the embedder's top-k."""
-        return {}
+    return build_train_loader(cfg.data, batch_size=cfg.per_rank_batch_size, rank=trainer.rank,
+                              world_size=trainer.world_size, seed=cfg.train.seed, preprocess=None, tokenizer=None,
+                              max_length=0, pin_memory=distributed.comm_device().type == "cuda",
+                              counts_cache=trainer.output_dir / COUNTS_CACHE_NAME, codec=codec)
