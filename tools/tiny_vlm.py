@@ -63,7 +63,7 @@ def make_tokenizer() -> Any:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = [" ".join(VOCAB_WORDS[i:] + VOCAB_WORDS[:i]) for i in range(len(VOCAB_WORDS))]
     # The reranker's answers must be whole tokens (as "yes" and "no" are in Qwen's vocabulary).
-    tok.train_from_iterator(corpus * 4 + ["yes no " * 40], trainer)
+    tok.train_from_iterator(corpus * 4 + ["yes", "no"] * 2000, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    padding_side="right", model_max_length=4096)
 

@@ -131,6 +131,9 @@ def write_vlm_sentence_transformers(model: nn.Module, spec: Any, processor: Any,
           model_config("SentenceTransformer", {**trained, **(prompts or {})}, matryoshka_dims))
 
 
+LOGITS = {"method": "forward", "method_output_name": "logits"}
+
+
 def write_vlm_cross_encoder(model: nn.Module, spec: Any, processor: Any, out: Path, dtype: torch.dtype,
                             prompts: dict[str, str] | None = None) -> None:
     """A CrossEncoder folder of a VLM reranker (see the module docstring), into the empty directory `out`."""
@@ -140,7 +143,10 @@ def write_vlm_cross_encoder(model: nn.Module, spec: Any, processor: Any, out: Pa
     export_processor(model, processor, model.pair_template).save_pretrained(str(out))
     _json(out / "sentence_bert_config.json", {
         "transformer_task": "any-to-any",
-        "modality_config": {"message": {"method": "forward", "method_output_name": "logits", "format": "structured"}},
+        # Pairs of any modality become query/document messages (sentence-transformers' pair_to_messages);
+        # "text" lets (str, str) pairs through its modality check before that conversion.
+        "modality_config": {**{m: LOGITS for m in ("text", "image", "image+text")},
+                            "message": {**LOGITS, "format": "structured"}},
         "module_output_name": "causal_logits",
         "processing_kwargs": {"chat_template": {"add_generation_prompt": True}},
         "unpad_inputs": False,
