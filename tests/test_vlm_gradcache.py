@@ -186,6 +186,99 @@ def _rank_worker(rank: int, port: int, out_dir: str, root: str) -> None:
             torch.save({"loss": loss.item() / WORLD, "grads": grads, "params": params, "result": result,
                         "plans": plans}, Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
+    _rerank_rank(rank, out_dir, root)
+
+
+# --------------------------------------------------------------------------- the cross-encoder
+
+RERANK_G, RERANK_PER_RANK = 3, 2  # groups of a positive and 2 negatives; 2 groups per rank
+
+
+def rerank_config(root: str):
+    return load_config(None, [
+        "model.kind=vlm", f"model.vlm.name_or_path={Path(root) / 'qwen3_vl'}", "train.zero_stage=3",
+        f"rerank.group_size={RERANK_G}", f"train.global_batch_size={WORLD * RERANK_PER_RANK}",
+        f"train.chunk_tokens={CHUNK_TOKENS}", f"train.lr={LR}", "train.grad_clip=0", "train.weight_decay=0",
+        "train.warmup_steps=0", "rerank.distill_weight=0.5", "rerank.distill_temperature=2.0",
+        "model.vlm.query_prompt=Judge the pair.",
+    ])  # fmt: skip
+
+
+def rerank_groups(renderer) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Every group's pair sequences (the query with its positive, then each negative; the last group is
+    short of one, a placeholder), the negative mask [groups, G - 1] and the miner's scores [groups, G]."""
+    docs = samples()
+    seqs, mask = [], []
+    for q in range(WORLD * RERANK_PER_RANK):
+        query = docs[q]["query"]
+        for j in range(RERANK_G):
+            d = docs[(q + 3 * j) % len(docs)]
+            short = q == WORLD * RERANK_PER_RANK - 1 and j == RERANK_G - 1
+            seqs.append(renderer.placeholder() if short else renderer.encode_pair([], query, d["images"], d["doc"]))
+            if j:
+                mask.append(not short)
+    scores = torch.linspace(0.9, 0.1, WORLD * RERANK_PER_RANK * RERANK_G).view(-1, RERANK_G)
+    return seqs, torch.tensor(mask).view(-1, RERANK_G - 1), scores
+
+
+def new_reranker(cfg):
+    from mmscale.models.vlm_reranker import build_vlm_reranker
+
+    torch.manual_seed(0)
+    return build_vlm_reranker(cfg.model)
+
+
+def _rerank_rank(rank: int, out_dir: str, root: str) -> None:
+    """The VLM reranker's cached step (ZeRO-3, full fine-tuning) on this rank's groups."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from mmscale.data.vlm import collate_sequences
+    from mmscale.train.engine import build_ds_config, build_engine
+    from mmscale.train.vlm_rerank import group_loss
+    from mmscale.train.vlm_step import cached_sequence_step
+
+    cfg = rerank_config(root)
+    renderer = task_parts(cfg)
+    seqs, mask, scores = rerank_groups(renderer)
+    rows = slice(rank * RERANK_PER_RANK, (rank + 1) * RERANK_PER_RANK)
+    batch = collate_sequences(seqs[rows.start * RERANK_G:rows.stop * RERANK_G])
+    ds = build_ds_config(cfg, WORLD)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    engine, _, _ = build_engine(cfg, new_reranker(cfg), WORLD, optimizer=lambda groups: torch.optim.SGD(groups, lr=LR),
+                                ds_config=ds)
+
+    def rows_loss(pair_scores, scalars):
+        return group_loss(pair_scores.view(-1, RERANK_G), scores[rows], mask[rows], 20.0, cfg)
+
+    result = cached_sequence_step(engine, batch, rows_loss, output="scores", chunk_tokens=CHUNK_TOKENS,
+                                  chunk_size=cfg.train.chunk_size, pad_token_id=renderer.pad_token_id,
+                                  image_token_id=renderer.image_token_id, merge_size=renderer.pre.merge_size)
+    grads = {n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"result": result, "grads": grads}, Path(out_dir) / "rerank.pt")
+
+
+def rerank_reference(root: str) -> dict:
+    """One process: every pair of the global batch in one padded forward, the same group loss, one backward."""
+    from mmscale.data.vlm import collate_sequences
+    from mmscale.train.vlm_rerank import group_loss
+
+    cfg = rerank_config(root)
+    renderer = task_parts(cfg)
+    seqs, mask, scores = rerank_groups(renderer)
+    model = new_reranker(cfg).train()
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), renderer.pad_token_id)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    positions = torch.zeros(3, len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], attention[i, :len(s)], positions[:, i, :len(s)] = s.input_ids, 1, s.positions
+    images = collate_sequences(seqs)
+    out = model(ids, attention, positions, images["patches"], images["grids"])["scores"]
+    loss, _ = group_loss(out.view(-1, RERANK_G), scores, mask, 20.0, cfg)
+    loss.backward()
+    return {"loss": loss.item(), "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +295,8 @@ def rank_results(models):
 
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_worker, args=(free_port(), out_dir, models), nprocs=WORLD, join=True)
-        yield {name: torch.load(Path(out_dir) / f"{name}.pt", weights_only=False) for name in CASES}
+        out = {name: torch.load(Path(out_dir) / f"{name}.pt", weights_only=False) for name in [*CASES, "rerank"]}
+        yield out
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -221,3 +315,12 @@ def test_vlm_step_on_two_ranks_matches_the_dense_step(rank_results, models, name
     if "lora" in name:
         assert all("lora_" in n or not n.startswith("vlm.language_model") for n in got["grads"])
         assert any(n.startswith("vlm.visual") for n in got["grads"])  # the vision encoder trains fully
+
+
+def test_vlm_reranker_cached_step_on_two_ranks_matches_the_dense_group_loss(rank_results, models):
+    got, ref = rank_results["rerank"], rerank_reference(models)
+    assert got["result"]["finite"] and "distill" in got["result"]
+    assert got["grads"].keys() == ref["grads"].keys() and any(n.startswith("lm_head") for n in ref["grads"])
+    for name, expected in ref["grads"].items():
+        diff = (got["grads"][name].float() - expected).abs().max().item()
+        assert diff <= 1e-5 * max(1.0, expected.abs().max().item()), f"{name}: {diff:.2e}"
