@@ -242,6 +242,8 @@ class LossConfig:
     matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [64, 128]; full dim always kept
     matryoshka_weights: list[float] = field(default_factory=list)  # one per dim; default all 1
     text_pair_weight: float = 1.0  # weight of the text-text loss on text-pair batches (data.text_pairs)
+    distill_weight: float = 0.0  # weight of KL(reranker || bi-encoder) over each caption's group (positive + its mined negatives), from group shards rescored by `mmscale mine --rescore-with`; needs data.hard_negatives
+    distill_temperature: float = 1.0  # softmax temperature of that distillation (the KL is scaled by T^2)
 
 
 @dataclass
@@ -303,6 +305,7 @@ class MineConfig:
     block_size: int = 4096  # the exact search scores blocks of about block_size x block_size on each rank's device
     groups_per_shard: int = 1000  # groups per WebDataset shard under OUTPUT/groups/; 0: write only the JSONL
     overwrite: bool = False  # replace the results of an earlier `mmscale mine` in the same output
+    rescore_with: str = ""  # a trained reranker (run, checkpoint or export): score every written group with it (json `reranker_scores`), the teacher of a distilled bi-encoder round
 
 
 @dataclass
@@ -570,6 +573,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check(not d.text_pairs.strip(), "data.text_pairs", "is for two towers; with model.kind=vlm put text pairs "
                "(query.txt + doc.txt, or KEY.txt + KEY.pos.txt) in data.train")
         _check(not d.multi_caption, "data.multi_caption", "is not read by model.kind=vlm (one query per sample)")
+        _check(lo.distill_weight == 0, "loss.distill_weight", "distils into two towers; model.kind=vlm trains its "
+               "embedder contrastively (its cross-encoder distils from the miner: rerank.distill_weight)")
     _check(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _check(m.vision.image_size >= 8, "model.vision.image_size", f"too small: {m.vision.image_size}")
     _one_of(m.vision.resize, RESIZE_MODES, "model.vision.resize")
@@ -608,6 +613,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     )
     _one_of(lo.kind, ("clip", "siglip"), "loss.kind")
     _check(lo.text_pair_weight > 0, "loss.text_pair_weight", f"must be > 0, got {lo.text_pair_weight}")
+    _check(lo.distill_weight >= 0, "loss.distill_weight", f"must be >= 0 (0: off), got {lo.distill_weight}")
+    _check(lo.distill_temperature > 0, "loss.distill_temperature", f"must be > 0, got {lo.distill_temperature}")
+    _check(lo.distill_weight == 0 or cfg.data.hard_negatives > 0, "loss.distill_weight",
+           "distils the reranker's scores over each caption's mined group: set data.hard_negatives=K and train on "
+           "group shards rescored by `mmscale mine --rescore-with RERANKER`")
     # A VLM without projection embeds at its hidden size, known once its config is read (checked at build).
     embed_dim_known = m.kind != "vlm" or m.vlm.proj != "none"
     for i, dim in enumerate(lo.matryoshka_dims):
@@ -659,6 +669,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         "between mine.range_min and mine.range_max",
     )
     _check(cfg.mine.groups_per_shard >= 0, "mine.groups_per_shard", "must be >= 0 (0: no group shards)")
+    _check(not cfg.mine.rescore_with or cfg.mine.groups_per_shard > 0, "mine.rescore_with",
+           "writes the reranker's scores into the group shards: needs mine.groups_per_shard > 0")
     _check(cfg.rerank.group_size >= 2, "rerank.group_size", "needs a positive and at least one negative")
     _check(cfg.rerank.distill_temperature > 0, "rerank.distill_temperature", "must be > 0")
     _check(cfg.rerank.fusion_dim % cfg.rerank.fusion_heads == 0, "rerank.fusion_dim", "must be divisible by rerank.fusion_heads")

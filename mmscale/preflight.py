@@ -205,16 +205,16 @@ def check_shards(spec: str, key: str, *, world_size: int | None = None, epoch_mo
 
 @register("data", stages=STAGES)
 def _check_data(cfg: Config, ctx: Context) -> list[Finding]:
-    if cfg.model.kind == "vlm" and ctx.stage == "rerank":  # [vlm] trains on the group shards (rerank.mined)
-        return check_shards(cfg.data.val, "data.val") if cfg.data.val else []
     if ctx.stage == "train":
         findings = check_shards(cfg.data.train, "data.train", world_size=ctx.world_size,
                                 epoch_mode=cfg.data.mode == "epoch")  # fmt: skip
         if cfg.data.text_pairs.strip():
             findings += check_shards(cfg.data.text_pairs, "data.text_pairs")
-    else:  # mining reads, and the reranker takes its images from, mine.data (default data.train)
+    elif ctx.stage == "mine":  # mining reads mine.data (default data.train)
         key = "mine.data" if cfg.mine.data else "data.train"
         findings = check_shards(cfg.mine.data or cfg.data.train, key)
+    else:  # the reranker streams the group shards (images included): rerank.mined is checked on its own
+        findings = []
     if cfg.data.val and ctx.stage != "mine":  # evaluated at the end of the run: a typo must not cost the run
         findings += check_shards(cfg.data.val, "data.val")
     return findings
@@ -397,17 +397,12 @@ def _check_mine_checkpoint(cfg: Config, ctx: Context) -> list[Finding]:
 
 @register("rerank.mined", stages=("rerank",))
 def _check_mined(cfg: Config, ctx: Context) -> list[Finding]:
-    from mmscale.retrieval.mining import GROUPS_FILE, mined_dir
+    from mmscale.retrieval.groups import find_group_shards
+    from mmscale.retrieval.mining import mined_dir
 
     key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
-    if cfg.model.kind == "vlm":  # [vlm] a VLM cross-encoder reads the group shards
-        from mmscale.train.vlm_rerank import mined_groups
-
-        return check_shards(mined_groups(cfg), key)
-    path = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
-    if path.is_file() or (path / GROUPS_FILE).is_file():
-        return []
-    if path.is_dir():
-        return [Finding(key, f"directory {path} has no {GROUPS_FILE}; run `mmscale mine` first or point "
-                             "rerank.mined at its output")]
-    return [Finding(key, f"{_not_found(path)}; run `mmscale mine` first or point rerank.mined at its output")]
+    try:
+        find_group_shards(cfg.rerank.mined or mined_dir(cfg))
+    except FileNotFoundError as exc:
+        return [Finding(key, str(exc))]
+    return []

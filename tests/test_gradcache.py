@@ -93,6 +93,7 @@ BF16_CASES: dict[str, tuple[list[str], bool]] = {
 # Hard negatives (K = 2 per caption) and text pairs; `masked` batches have padding slots and negatives
 # that are another caption's own positive image (by id), both of which must contribute nothing.
 HN = [*NO_DROPOUT]
+DISTILL = ["data.hard_negatives=2", "loss.distill_weight=0.7", "loss.distill_temperature=2.0"]
 NEGATIVE_CASES: dict[str, tuple[list[str], bool]] = {
     "neg_zero0_clip": (["train.zero_stage=0", *HN], False),
     "neg_zero1_clip_masked": (["train.zero_stage=1", *HN], False),
@@ -107,6 +108,11 @@ NEGATIVE_CASES: dict[str, tuple[list[str], bool]] = {
     "neg_zero3_siglip_masked_matryoshka": (["train.zero_stage=3", *SIGLIP, "loss.matryoshka_dims=[8,16]", *HN], False),
     "neg_zero2_lit_vision_masked": (["train.zero_stage=2", "model.vision.locked=true", *HN], False),
     "neg_zero3_plain_masked": (["train.zero_stage=3", "train.gradcache=false", *HN], False),
+    # Distillation of a reranker's group scores (some slots and one whole group without a teacher).
+    "neg_zero2_clip_masked_distill": (["train.zero_stage=2", *DISTILL, *HN], False),
+    "neg_zero3_siglip_masked_matryoshka_per_chunk_distill": (
+        ["train.zero_stage=3", "train.grad_reduction=per_chunk", *SIGLIP, "loss.matryoshka_dims=[8,16]",
+         "loss.matryoshka_weights=[0.5,2.0]", *DISTILL, *HN], False),
     "pairs_zero2_clip": (["train.zero_stage=2", "loss.text_pair_weight=0.5", *HN], False),
     "pairs_zero3_clip_per_chunk": (["train.zero_stage=3", "train.grad_reduction=per_chunk", *HN], False),
     "pairs_zero1_siglip_matryoshka": (["train.zero_stage=1", *SIGLIP, "loss.matryoshka_dims=[8]", *HN], False),
@@ -166,6 +172,13 @@ def global_batch(name: str = "") -> dict[str, torch.Tensor]:
             for row, slot, owner in ((2, 0, 9), (14, 1, 11)):
                 batch["negative_pixels"][row, slot] = batch["pixel_values"][owner]
                 batch["image_ids"][row, 1 + slot] = batch["image_ids"][owner, 0]
+        if "distill" in name:
+            # A reranker's logits over each group; none for padding, none at all for row 7 (rank 0):
+            # the ranks then hold 7 and 8 groups with a teacher, so the mean must be the global one.
+            teacher = 3 * torch.randn(n, 1 + K, generator=g)
+            teacher[:, 1:][~batch["negative_mask"]] = float("nan")
+            teacher[7] = float("nan")
+            batch["teacher_scores"] = teacher
     return batch
 
 
@@ -285,8 +298,36 @@ def dense_special_loss(cfg, model, batch):
     n = batch["pixel_values"].shape[0]
     images = model(pixel_values=torch.cat([batch["pixel_values"], batch["negative_pixels"].flatten(0, 1)]))["image_emb"]
     negatives = images[n:].view(n, K, -1)
-    return dense_hard_negative_loss(cfg, images[:n], queries, negatives, batch["negative_mask"], batch["image_ids"],
+    loss = dense_hard_negative_loss(cfg, images[:n], queries, negatives, batch["negative_mask"], batch["image_ids"],
                                     scale, bias)
+    if cfg.loss.distill_weight:
+        loss = loss + cfg.loss.distill_weight * dense_distillation(cfg, images[:n], queries, negatives, batch, scale)
+    return loss
+
+
+def dense_distillation(cfg, img, txt, neg, batch, scale):
+    """Mean over the groups with a teacher of T^2 KL(softmax(teacher/T) || softmax(s t.x/T)) over each group's real slots."""
+    t = cfg.loss.distill_temperature
+
+    def one(a, b, m):
+        kls = []
+        for g in range(len(a)):
+            slots = [0] + [1 + k for k in range(K) if batch["negative_mask"][g, k]]
+            teacher = batch["teacher_scores"][g, slots]
+            if not torch.isfinite(teacher).all():
+                continue
+            candidates = torch.stack([a[g], *[m[g, s - 1] for s in slots[1:]]])
+            student = scale * candidates @ b[g]
+            p = torch.softmax(teacher / t, 0)
+            kls.append((p * (p.log() - torch.log_softmax(student / t, 0))).sum() * t * t)
+        return torch.stack(kls).mean()
+
+    total = one(img, txt, neg)
+    weights = cfg.loss.matryoshka_weights or [1.0] * len(cfg.loss.matryoshka_dims)
+    for dim, w in zip(cfg.loss.matryoshka_dims, weights):
+        if dim < img.shape[1]:
+            total = total + w * one(*[F.normalize(x[..., :dim], dim=-1) for x in (img, txt, neg)])
+    return total
 
 
 def _finish_reference(model, loss) -> dict:

@@ -237,6 +237,6 @@ def test_resume_and_model_sources_refuse_damaged_checkpoints(tmp_path, shards):
     cfg = load_config(TINY, [f"data.train={shards}", f"rerank.mined={tmp_path}"])
     assert fatal(run_checks(cfg, "rerank")) == [
         "mine.checkpoint: is empty: name an export directory (mmscale export) or a training checkpoint",
-        f"rerank.mined: directory {tmp_path} has no hard_negatives.jsonl; run `mmscale mine` first or point "
-        "rerank.mined at its output",
+        f"rerank.mined: directory {tmp_path} holds no group shards (groups/*.tar with stats.json); run `mmscale "
+        "mine` first or point rerank.mined at its output",
     ]

@@ -63,16 +63,31 @@ def test_weighted_sum_and_parts():
     assert "distill" not in parts and total.item() == pytest.approx(_ref_listwise(SCORES), rel=1e-6)
 
 
-def test_absent_candidates_are_left_out_of_both_softmaxes():
-    # A group short of negatives (padded to G, `valid` False) is scored as the shorter group alone,
-    # with a finite gradient that is zero at the padding.
+def test_masked_slots_are_left_out_as_if_the_group_were_shorter():
+    # Row 0 keeps 3 of 4 candidates, row 1 keeps 2: the losses equal the references on the kept slots alone.
+    mask = torch.tensor([[True, True, False, True], [True, False, True, False]])
+    kept = [[x for x, m in zip(r, mr) if m] for r, mr in zip(SCORES, mask.tolist())]
+    kept_t = [[x for x, m in zip(r, mr) if m] for r, mr in zip(TEACHER, mask.tolist())]
+    scores = torch.tensor(SCORES, requires_grad=True)
+    assert listwise_softmax_loss(scores, mask=mask).item() == pytest.approx(_ref_listwise(kept), rel=1e-6)
+    got = distillation_loss(scores, torch.tensor(TEACHER), 2.0, mask=mask)
+    assert got.item() == pytest.approx(_ref_distill(kept, kept_t, 2.0), rel=1e-5)
+    # Whatever a masked slot holds (NaN teacher, huge student score) changes nothing, and it gets no gradient.
+    wild_s = torch.tensor(SCORES).masked_fill(~mask, 1e4).requires_grad_()
+    wild_t = torch.tensor(TEACHER).masked_fill(~mask, float("nan"))
+    total, _ = rerank_loss(wild_s, wild_t, mask=mask, temperature=2.0)
+    assert total.item() == pytest.approx(_ref_listwise(kept) + _ref_distill(kept, kept_t, 2.0), rel=1e-5)
+    total.backward()
+    assert torch.isfinite(wild_s.grad).all() and (wild_s.grad[~mask] == 0).all()
+
+
+def test_groups_without_teacher_scores_only_take_the_listwise_loss():
+    teacher = torch.tensor(TEACHER)
+    teacher[1] = float("nan")  # a plain pair mixed into the groups: no mining scores
+    got = distillation_loss(torch.tensor(SCORES), teacher, 1.0).item()
+    assert got == pytest.approx(_ref_distill(SCORES[:1], TEACHER[:1], 1.0), rel=1e-5)
+    none = torch.full_like(teacher, float("nan"))
     student = torch.tensor(SCORES, requires_grad=True)
-    teacher = torch.tensor([[1.0, 0.5, float("nan"), 0.0], [0.3, 0.2, 0.1, float("nan")]])
-    valid = torch.tensor([[True, True, False, True], [True, True, True, False]])
-    loss, parts = rerank_loss(student, teacher, distill_weight=0.5, temperature=2.0, valid=valid)
-    rows = [[s for s, v in zip(r, m) if v] for r, m in zip(SCORES, valid.tolist())]
-    teach = [[s for s, v in zip(r, m) if v] for r, m in zip(teacher.tolist(), valid.tolist())]
-    assert parts["listwise"].item() == pytest.approx(_ref_listwise(rows), rel=1e-5)
-    assert parts["distill"].item() == pytest.approx(_ref_distill(rows, teach, 2.0), rel=1e-5)
+    loss = distillation_loss(student, none, 1.0)
     loss.backward()
-    assert torch.isfinite(student.grad).all() and (student.grad[~valid] == 0).all()
+    assert loss.item() == 0.0 and student.grad is not None and (student.grad == 0).all()

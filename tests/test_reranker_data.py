@@ -1,44 +1,35 @@
-"""Reranker training data: deterministic, resumable group order and well-formed group batches."""
+"""Reranker training data: group batches of the streaming loader as the reranker's inputs."""
+
+import math
 
 import torch
 
-from mmscale.train.rerank import RerankGroups, batch_indices
+from mmscale.train.rerank import group_inputs
 
 
-def test_batch_indices_cover_each_group_once_per_epoch_across_ranks():
-    n, world, per_rank = 12, 2, 3
-    seen = []
-    for step in range(2):  # 2 steps x 2 ranks x 3 = one epoch of 12
-        for rank in range(world):
-            seen += batch_indices(step, rank, world, per_rank, n, seed=5)
-    assert sorted(seen) == list(range(n))
-    # Deterministic by seed (resume at a step gives the same groups), different across seeds.
-    assert batch_indices(3, 1, world, per_rank, n, seed=5) == batch_indices(3, 1, world, per_rank, n, seed=5)
-    assert [batch_indices(s, 0, 1, 12, n, seed=1) for s in range(3)] != [
-        batch_indices(s, 0, 1, 12, n, seed=2) for s in range(3)
-    ]
+def test_group_inputs_put_the_positive_first_mask_empty_slots_and_scale_the_teacher():
+    b, k = 3, 2
+    batch = {
+        "image": torch.full((b, 3, 4, 4), 7, dtype=torch.uint8),
+        "negatives": torch.arange(b * k, dtype=torch.uint8).view(b, k, 1, 1, 1).expand(b, k, 3, 4, 4).clone(),
+        # group 0 full; group 1 mined one negative; group 2 is a plain pair (no group, no scores)
+        "negative_mask": torch.tensor([[True, True], [True, False], [False, False]]),
+        "scores": torch.tensor([[0.9, 0.8, 0.5], [0.7, 0.6, math.nan], [math.nan, math.nan, math.nan]]),
+    }
+    pixels, mask, teacher = group_inputs(batch, teacher_scale=10.0)
+    assert pixels.shape == (b, 1 + k, 3, 4, 4) and pixels.dtype == torch.uint8
+    assert pixels[:, 0].eq(7).all() and pixels[1, 1, 0, 0, 0] == 2 and pixels[2, 2, 0, 0, 0] == 5
+    assert mask.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    assert torch.allclose(teacher[0], torch.tensor([9.0, 8.0, 5.0])) and teacher[1, :2].tolist() == [7.0, 6.0]
+    assert teacher[2].isnan().all()
 
 
-class _Tok:
-    """Stands in for a tokenizer: one id per word."""
-
-    def __call__(self, texts):
-        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
-
-
-def test_groups_put_the_positive_first_and_scale_the_teacher():
-    images = {k: torch.full((3, 4, 4), float(i)) for i, k in enumerate("abcde")}
-    records = [
-        {"query": "x y", "positive_key": "a", "negative_keys": ["b", "c", "d"], "positive_score": 0.9,
-         "negative_scores": [0.8, 0.5, 0.1]},
-        {"query": "z", "positive_key": "b", "negative_keys": ["a"], "positive_score": 0.7, "negative_scores": [0.6]},
-        {"query": "w", "positive_key": "e", "negative_keys": ["a", "zz"], "positive_score": 0.7,
-         "negative_scores": [0.6, 0.5]},
-    ]  # fmt: skip
-    data = RerankGroups(records, images, _Tok(), max_length=4, group_size=3, teacher_scale=10.0)
-    assert len(data) == 1 and data.dropped == 2  # too few negatives; an image missing from the shards
-    batch = data.batch([0])
-    assert batch["pixels"].shape == (1, 3, 3, 4, 4)
-    assert batch["pixels"][0, :, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # a (positive), b, c
-    assert torch.allclose(batch["teacher"], torch.tensor([[9.0, 8.0, 5.0]]))
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, 4)
+def test_a_negative_without_its_mining_score_is_masked():
+    batch = {
+        "image": torch.zeros(1, 3, 2, 2, dtype=torch.uint8),
+        "negatives": torch.zeros(1, 2, 3, 2, 2, dtype=torch.uint8),
+        "negative_mask": torch.tensor([[True, True]]),
+        "scores": torch.tensor([[0.5, math.nan, 0.1]]),
+    }
+    _, mask, _ = group_inputs(batch, 1.0)
+    assert mask.tolist() == [[True, False, True]]

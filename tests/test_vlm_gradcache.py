@@ -230,7 +230,6 @@ def new_reranker(cfg):
 
 def _rerank_rank(rank: int, out_dir: str, root: str) -> None:
     """The VLM reranker's cached step (ZeRO-3, full fine-tuning) on this rank's groups."""
-    import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
     from mmscale.data.vlm import collate_sequences

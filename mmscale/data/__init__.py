@@ -20,7 +20,8 @@ Batches: {"image": uint8 [B,3,S,S] (the model normalises it on its device: `Dual
 "input_ids": long [B,L], "attention_mask": long [B,L], "key": list[str], "text": list[str]}.
 With data.hard_negatives K > 0 (group shards of `mmscale mine`), also "negatives": uint8 [B,K,3,S,S]
 (hardest first), "negative_mask": bool [B,K] (False: padding), "scores": float [B,1+K] (the mining
-bi-encoder's, positive first; NaN where absent) and "image_ids": int64 [B,1+K] (a hash of each image's
+bi-encoder's, positive first; NaN where absent), "teacher_scores": float [B,1+K] (a rescoring reranker's
+logits, `mmscale mine --rescore-with`; NaN where absent) and "image_ids": int64 [B,1+K] (a hash of each image's
 bytes). A text-pair batch has no "image": "input_ids"/"attention_mask"/"text" are the queries,
 "doc_input_ids"/"doc_attention_mask"/"doc_text" their documents.
 `loader.bad_samples` counts samples skipped or lost, by reason (undecodable_image, missing_image,

@@ -73,15 +73,27 @@ def image_id(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def group_scores(sample: dict, negatives: int) -> list[float]:
-    """[positive, negative 0, ...] bi-encoder scores of a group from its json (NaN where absent): 1 + `negatives` values."""
+# A group's scores in its json: the mining bi-encoder's cosines, and (after `mmscale mine --rescore-with`)
+# the reranker's logits, positive first.
+SCORE_FIELDS = {"bi_encoder": ("positive_score", "negative_scores"), "reranker": ("reranker_scores",)}
+
+
+def group_scores(sample: dict, negatives: int, source: str = "bi_encoder") -> list[float]:
+    """[positive, negative 0, ...] scores of a group from its json (NaN where absent): 1 + `negatives` values.
+
+    `source`: bi_encoder (the mining cosines) or reranker (the rescoring reranker's logits).
+    """
     out = [math.nan] * (1 + negatives)
     raw = sample.get("json")
     if raw is None:
         return out
     try:
         meta = json.loads(raw)
-        values = [meta.get("positive_score"), *list(meta.get("negative_scores") or [])[:negatives]]
+        fields = SCORE_FIELDS[source]
+        if len(fields) == 2:
+            values = [meta.get(fields[0]), *list(meta.get(fields[1]) or [])[:negatives]]
+        else:
+            values = list(meta.get(fields[0]) or [])[: 1 + negatives]
     except (ValueError, AttributeError, TypeError):
         return out  # a sidecar that is no group's: no scores, the sample itself is fine
     for i, v in enumerate(values):

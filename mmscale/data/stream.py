@@ -284,8 +284,11 @@ class SampleStream(IterableDataset):
             mask[i] = True
             ids[1 + i] = decoding.image_id(data)
         scores = torch.tensor(decoding.group_scores(sample, k), dtype=torch.float32)
+        teacher = torch.tensor(decoding.group_scores(sample, k, "reranker"), dtype=torch.float32)
         scores[1:][~mask] = float("nan")  # a score belongs to a negative the batch carries
-        return {"negatives": images, "negative_mask": mask, "scores": scores, "image_ids": ids}
+        teacher[1:][~mask] = float("nan")
+        return {"negatives": images, "negative_mask": mask, "scores": scores, "teacher_scores": teacher,
+                "image_ids": ids}
 
     # -- one batch -----------------------------------------------------------------
     def empty_fields(self) -> dict[str, Any]:
@@ -300,6 +303,7 @@ class SampleStream(IterableDataset):
         if k:
             out.update(negatives=torch.empty(0, k, 3, size, size, dtype=torch.uint8),
                        negative_mask=torch.empty(0, k, dtype=torch.bool), scores=torch.empty(0, 1 + k),
+                       teacher_scores=torch.empty(0, 1 + k),
                        image_ids=torch.empty(0, 1 + k, dtype=torch.int64))
         return out
 

@@ -6,6 +6,12 @@ Three kinds of batch reach it (`ContrastiveLoss.__call__`):
                    where a slot is padding): see `HardNegatives` and the base losses for what they add
     text pairs     queries and their documents (`doc_emb`, both through the text tower): the base loss
                    with the documents in the images' place, times `loss.text_pair_weight`
+
+With `loss.distill_weight` > 0 a hard-negative batch also carries a reranker's scores over each
+caption's own group (`teacher_scores`: positive, then its negatives) and the loss adds
+`distill_weight` x T^2 KL(softmax(teacher / T) || softmax(student / T)), the student's logits being
+the bi-encoder's own s * t_g . [x_g, x_{g,1..K}] over the group's real slots: the reranker's
+ranking of each group distilled into the embeddings (`group_distillation`).
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmscale.config import LossConfig
-from mmscale.distributed import all_gather_with_grad, world
+from mmscale.distributed import all_gather_with_grad, all_reduce_tensor, world
 from mmscale.losses.clip import clip_loss
 from mmscale.losses.matryoshka import matryoshka_dims, matryoshka_prefix
 from mmscale.losses.negatives import HardNegatives
+from mmscale.losses.ranking import distillation_loss
 from mmscale.losses.siglip import siglip_loss
 
 BASE_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"clip": clip_loss, "siglip": siglip_loss}
@@ -53,6 +60,23 @@ def blockwise(base: Callable[..., torch.Tensor], block_rows: int, image_local, t
     return total
 
 
+def group_distillation(text_emb: torch.Tensor, image_emb: torch.Tensor, negative_emb: torch.Tensor,
+                       negative_mask: torch.Tensor, teacher_scores: torch.Tensor, logit_scale: torch.Tensor,
+                       temperature: float, rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """This rank's share of the mean over the global batch's groups of T^2 KL(teacher || student) (see module doc).
+
+    `rows` is the number of groups with teacher scores over all ranks: each rank returns
+    W x (its groups' sum) / rows, so DeepSpeed's mean of the ranks' gradients is the gradient of
+    the global mean whatever share of the groups each rank holds.
+    """
+    student = logit_scale * torch.cat([(text_emb * image_emb).sum(-1, keepdim=True),
+                                       torch.einsum("nd,nkd->nk", text_emb, negative_emb)], dim=1)  # fmt: skip
+    keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1).bool()
+    local = (teacher_scores.isfinite() | ~keep).all(1).sum()
+    mean = distillation_loss(student, teacher_scores, temperature, mask=keep)
+    return mean * local * world()[1] / rows.clamp(min=1)
+
+
 class ContrastiveLoss:
     """Callable (image_emb, text_emb, logit_scale, logit_bias, ...) -> (loss, components) on LOCAL embeddings."""
 
@@ -63,6 +87,8 @@ class ContrastiveLoss:
         weights: list[float] | None = None,
         block_rows: int | None = None,
         text_pair_weight: float = 1.0,
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ):
         if kind not in BASE_LOSSES:
             raise ValueError(f"unknown loss kind {kind!r} ({' | '.join(BASE_LOSSES)})")
@@ -72,6 +98,8 @@ class ContrastiveLoss:
         self.weights = list(weights or [])
         self.block_rows = block_rows  # None: as many rows as fit MAX_BLOCK_ELEMENTS
         self.text_pair_weight = text_pair_weight
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
 
     def __call__(
         self,
@@ -83,12 +111,14 @@ class ContrastiveLoss:
         negative_emb: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
+        teacher_scores: torch.Tensor | None = None,
         doc_emb: torch.Tensor | None = None,
     ) -> LossOutput:
         """The weighted loss over all dims for this rank's rows (collective: every rank must call it alike).
 
         `negative_emb` [n, K, D] with `negative_mask` [n, K] and `image_ids` [n, 1 + K] (positive, then
-        negatives): a hard-negative batch. `doc_emb` [n, D] instead of `image_emb`: a text-pair batch.
+        negatives): a hard-negative batch, with `teacher_scores` [n, 1 + K] when distilling (NaN: no
+        teacher for that group). `doc_emb` [n, D] instead of `image_emb`: a text-pair batch.
         """
         # The loss runs in fp32 even for bf16 towers: logsumexp over a large batch needs the precision.
         pairs = doc_emb is not None
@@ -108,6 +138,14 @@ class ContrastiveLoss:
                                             gather=self.kind == "clip", local=self.kind == "siglip")  # fmt: skip
             width *= 1 + negative_mask.shape[1]  # a row's logits: N positives and N*K negatives
         block_rows = self.block_rows or max(1, MAX_BLOCK_ELEMENTS // width)
+        distill = self.distill_weight > 0 and negatives is not None
+        if distill:
+            if teacher_scores is None:
+                raise ValueError("loss.distill_weight needs the groups' teacher_scores (data.hard_negatives batches)")
+            teacher_scores = teacher_scores.float()
+            keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1).bool()
+            # Groups with a teacher over all ranks (one small collective, on the device: no host read).
+            distill_rows = all_reduce_tensor((teacher_scores.isfinite() | ~keep).all(1).sum().float())
 
         name = "text_pairs" if pairs else self.kind
         weight_all = self.text_pair_weight if pairs else 1.0
@@ -127,8 +165,14 @@ class ContrastiveLoss:
                 None if negatives is None else negatives.prefix(dim),
             )
             total = total + weight * loss
-            key = f"loss_{name}" if dim == image_emb.shape[-1] else f"loss_{name}_dim{dim}"
-            components[key] = loss.detach()
+            suffix = "" if dim == image_emb.shape[-1] else f"_dim{dim}"
+            components[f"loss_{name}{suffix}"] = loss.detach()
+            if distill:
+                kd = group_distillation(matryoshka_prefix(text_emb, dim), matryoshka_prefix(image_emb, dim),
+                                        matryoshka_prefix(negative_emb.float(), dim), negative_mask, teacher_scores,
+                                        logit_scale, self.distill_temperature, distill_rows)  # fmt: skip
+                total = total + weight * self.distill_weight * kd
+                components[f"loss_distill{suffix}"] = kd.detach()
         total = weight_all * total
         # Detached tensors, not floats: `.item()` would make the host wait for the device every step;
         # the loop reads them only when it logs.
@@ -144,4 +188,5 @@ class ContrastiveLoss:
 def build_loss(loss_cfg: LossConfig) -> ContrastiveLoss:
     """The loss callable for a `loss` config section."""
     return ContrastiveLoss(loss_cfg.kind, loss_cfg.matryoshka_dims, loss_cfg.matryoshka_weights,
-                           text_pair_weight=loss_cfg.text_pair_weight)
+                           text_pair_weight=loss_cfg.text_pair_weight, distill_weight=loss_cfg.distill_weight,
+                           distill_temperature=loss_cfg.distill_temperature)

@@ -232,6 +232,25 @@ def prepare_groups_dir(output: Path, overwrite: bool) -> None:
         path.unlink()
 
 
+def find_group_shards(path: str | Path) -> Path:
+    """The group shards `mmscale mine` wrote, given its output directory or the `groups/` folder itself.
+
+    Raises FileNotFoundError naming what is missing and how to make it.
+    """
+    path = Path(path)
+    for candidate in (path / GROUPS_DIR, path):
+        if (candidate / STATS_NAME).is_file() and any(candidate.glob("*.tar")):
+            return candidate
+    if path.is_dir() and (path / "hard_negatives.jsonl").is_file():
+        raise FileNotFoundError(
+            f"{path} holds mined groups as JSONL only (mine.groups_per_shard=0): the reranker streams group shards; "
+            f"mine again with mine.groups_per_shard > 0 (e.g. 1000) and mine.overwrite=true"
+        )
+    what = "directory" if path.is_dir() else "path"
+    raise FileNotFoundError(f"{what} {path} holds no group shards ({GROUPS_DIR}/*.tar with {STATS_NAME}); "
+                            "run `mmscale mine` first or point rerank.mined at its output")
+
+
 def read_group_shards(urls: str) -> Iterator[dict[str, Any]]:
     """The group samples of a shard set, in order: {"key", "query", "positive": (ext, bytes), "negatives": [...], **json}."""
     bad: Counter = Counter()

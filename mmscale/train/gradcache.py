@@ -57,7 +57,7 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 # A locked tower's pooled output (returned by the dual encoder) and the raw inputs it replaces.
 LOCKED_FEATURES = {"image_features": ("pixel_values",), "text_features": ("input_ids", "attention_mask")}
 REDUCTIONS = ("coalesced", "per_chunk")  # and auto: see reduces_per_chunk
-LOSS_INPUTS = ("negative_mask", "image_ids")  # what the loss takes besides embeddings, moved to the device once
+LOSS_INPUTS = ("negative_mask", "image_ids", "teacher_scores")  # what the loss takes besides embeddings, moved to the device once
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -66,7 +66,8 @@ def step_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """A loader batch (data/) as the step's inputs: pixels, negatives' pixels, tokens, documents' tokens, masks."""
     names = {"image": "pixel_values", "negatives": "negative_pixels", "input_ids": "input_ids",
              "attention_mask": "attention_mask", "doc_input_ids": "doc_input_ids",
-             "doc_attention_mask": "doc_attention_mask", "negative_mask": "negative_mask", "image_ids": "image_ids"}
+             "doc_attention_mask": "doc_attention_mask", "negative_mask": "negative_mask", "image_ids": "image_ids",
+             "teacher_scores": "teacher_scores"}
     return {step: batch[name] for name, step in names.items() if batch.get(name) is not None}
 
 

@@ -8,14 +8,19 @@ checkpoints, exact resume, preemption (SIGTERM, SIGUSR1, Ctrl-C), non-finite gua
 refusal of changed settings and TensorBoard; the run lives in `OUTPUT_DIR/rerank` so it
 never touches the bi-encoder's checkpoints.
 
-Images are looked up by key in an in-memory index of the mined shards (decoded and
-normalised once): right for demo- and research-scale corpora, not for billions of images.
+The groups stream from the group shards `mmscale mine` wrote (`OUTPUT_DIR/mined/groups`)
+through the first stage's streaming loader (`data.hard_negatives = rerank.group_size - 1`):
+each group once per epoch across ranks and workers, exact resume, undecodable images counted
+and masked, nothing held in memory beyond the batches in flight. A group with fewer mined
+negatives than the group size keeps its real ones (the empty slots are masked out of both
+losses) instead of being dropped.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,15 +30,18 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import Config
+from mmscale.data.writer import STATS_NAME
 from mmscale.errors import BadInputError
 from mmscale.losses.ranking import rerank_loss
+from mmscale.retrieval.groups import find_group_shards
+from mmscale.retrieval.mining import SUMMARY_FILE, mined_dir
 from mmscale.train.loop import Stage, Trainer, run
 
 log = logging.getLogger(__name__)
 
 
-def rerank_run_config(cfg: Config, model_cfg) -> Config:
-    """The config the reranker stage trains under: rerank's batch/lr/steps in the train section, its own output_dir."""
+def rerank_run_config(cfg: Config, model_cfg, groups: Path) -> Config:
+    """The config the reranker stage trains under: rerank's batch/lr/steps, the group shards as data, its own output_dir."""
     r = cfg.rerank
     train = dataclasses.replace(
         cfg.train,
@@ -45,105 +53,27 @@ def rerank_run_config(cfg: Config, model_cfg) -> Config:
         gradcache=False,  # groups are scored independently: no in-batch negatives to cache
         eval_every=0,  # re-ranking the held-out split is costly: once, at the end
     )
-    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / "rerank"), train=train, model=model_cfg)
+    # The groups are a finite set: each once per epoch (any data.mode of the first stage's corpus).
+    data = dataclasses.replace(cfg.data, train=str(groups), train_weights=[], mode="epoch",
+                               hard_negatives=r.group_size - 1, text_pairs="", text_pairs_share=0.0,
+                               multi_caption=False)  # fmt: skip
+    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / "rerank"), train=train, model=model_cfg,
+                               data=data)  # fmt: skip
 
 
-class RerankGroups:
-    """Mined groups turned into batches: pixels [b, G, 3, H, W], tokens, and the teacher's logits [b, G]."""
+def group_inputs(batch: dict[str, Any], teacher_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A group batch of the streaming loader as (pixels [B, G, ...], mask [B, G], teacher logits [B, G]).
 
-    def __init__(self, records: list[dict], images: dict[str, torch.Tensor], tokenizer, max_length: int,
-                 group_size: int, teacher_scale: float) -> None:  # fmt: skip
-        need = group_size - 1
-        # Short groups would need padding that the listwise softmax must then ignore; at mining
-        # scale dropping them is simpler and loses little (counted in the log).
-        self.records = [
-            r for r in records
-            if len(r["negative_keys"]) >= need and all(k in images for k in [r["positive_key"], *r["negative_keys"][:need]])
-        ]  # fmt: skip
-        self.dropped = len(records) - len(self.records)
-        self.images, self.tokenizer, self.max_length = images, tokenizer, max_length
-        self.need, self.teacher_scale = need, teacher_scale
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The groups at `indices`, the positive in column 0."""
-        from mmscale.data.tokenize import tokenize
-
-        recs = [self.records[i] for i in indices]
-        keys = [[r["positive_key"], *r["negative_keys"][: self.need]] for r in recs]
-        pixels = torch.stack([torch.stack([self.images[k] for k in row]) for row in keys])
-        ids, mask = tokenize(self.tokenizer, [r["query"] for r in recs], self.max_length)
-        cosine = torch.tensor([[r["positive_score"], *r["negative_scores"][: self.need]] for r in recs])
-        return {"pixels": pixels, "input_ids": ids, "attention_mask": mask, "teacher": self.teacher_scale * cosine}
-
-
-def batch_indices(step: int, rank: int, world_size: int, per_rank: int, n: int, seed: int) -> list[int]:
-    """This rank's group indices at `step`: epochs of seeded permutations, so resuming at a step is exact."""
-    start = (step * world_size + rank) * per_rank
-    out, perms = [], {}
-    for p in range(start, start + per_rank):
-        epoch = p // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perms[epoch][p % n]))
-    return out
-
-
-def load_images(
-    urls: str, keys: set[str], *, preprocess, tokenizer, max_length: int, batch_size: int = 64
-):
-    """key -> uint8 image tensor for `keys` (the reranker normalises on its device), read from the shards by every rank."""
-    from mmscale.data import build_eval_loader
-
-    loader = build_eval_loader(
-        urls, batch_size=batch_size, rank=0, world_size=1, preprocess=preprocess,
-        tokenizer=tokenizer, max_length=max_length,
-    )  # fmt: skip
-    images = {}
-    for batch in loader:
-        for key, image in zip(batch["key"], batch["image"]):
-            if key in keys:
-                images[key] = image.clone()
-    return images
-
-
-class GroupBatches:
-    """The reranker's data as the Trainer reads it: an endless stream of group batches, resumable by position.
-
-    Position p of this rank's stream is group `batch_indices(p, ...)`: epochs of seeded permutations
-    shared by all ranks, each rank its own slice of every global batch. The state is just the next
-    position, so a resume continues with exactly the groups the uninterrupted run would have seen.
+    Column 0 is the positive, then the mined negatives hardest first. `mask` is False where a
+    group has fewer negatives than G - 1, a negative could not be decoded, or its mining score is
+    missing; the teacher's logits are `teacher_scale` x the mining bi-encoder's cosines (NaN in a
+    row without scores: a plain pair mixed in, which then only has the listwise loss).
     """
-
-    def __init__(self, data: RerankGroups, rank: int, world_size: int, per_rank: int, seed: int) -> None:
-        self.data, self.rank, self.world_size, self.per_rank, self.seed = data, rank, world_size, per_rank, seed
-        self.position = 0  # batches this rank has handed out
-
-    @property
-    def epoch(self) -> int:
-        return self.position * self.world_size * self.per_rank // max(len(self.data), 1)
-
-    @epoch.setter
-    def epoch(self, epoch: int) -> None:  # a resume on another world size restarts at an epoch's start
-        self.position = -(-epoch * len(self.data) // (self.world_size * self.per_rank))
-
-    def __iter__(self):
-        while True:
-            indices = batch_indices(self.position, self.rank, self.world_size, self.per_rank, len(self.data),
-                                    self.seed)  # fmt: skip
-            self.position += 1
-            yield self.data.batch(indices)
-
-    def state_dict(self) -> dict:
-        return {"version": 1, "position": self.position, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-    def data_counts(self) -> dict:
-        return {"bad_samples": {}, "bad_shards": {}, "padded_samples": 0}
+    pixels = torch.cat([batch["image"].unsqueeze(1), batch["negatives"]], dim=1)
+    negative_mask = batch["negative_mask"] & ~batch["scores"][:, 1:].isnan()
+    mask = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1)
+    teacher = batch["scores"].float() * teacher_scale
+    return pixels, mask, teacher
 
 
 class RerankerStage(Stage):
@@ -159,8 +89,24 @@ class RerankerStage(Stage):
         if not cfg.mine.checkpoint:
             raise BadInputError("mine.checkpoint: set it to the bi-encoder whose towers start the reranker (and that mined)")
         self.user_cfg = cfg
+        try:
+            self.groups = find_group_shards(cfg.rerank.mined or mined_dir(cfg))
+        except FileNotFoundError as exc:
+            key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
+            raise BadInputError(f"{key}: {exc}") from None
+        mined = json.loads((self.groups / STATS_NAME).read_text()).get("num_negatives")
+        if isinstance(mined, int) and mined < cfg.rerank.group_size - 1:
+            raise BadInputError(
+                f"rerank.group_size={cfg.rerank.group_size} needs {cfg.rerank.group_size - 1} negatives per group, but "
+                f"{self.groups} holds at most {mined} (mine.num_negatives): set rerank.group_size={mined + 1} or mine "
+                "more negatives"
+            )
         self.bi_encoder, model_cfg = load_bi_encoder(cfg.mine.checkpoint)
-        super().__init__(rerank_run_config(cfg, model_cfg))
+        summary = self.groups.parent / SUMMARY_FILE
+        mined_scale = json.loads(summary.read_text()).get("logit_scale", 0.0) if summary.is_file() else 0.0
+        # The teacher's logits: the mining bi-encoder's cosines at its own temperature.
+        self.teacher_scale = float(cfg.rerank.teacher_scale or mined_scale or self.bi_encoder.scale_and_bias()[0])
+        super().__init__(rerank_run_config(cfg, model_cfg, self.groups))
         self.results: dict = {}
 
     def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
@@ -171,41 +117,38 @@ class RerankerStage(Stage):
         self.tokenizer = load_tokenizer(self.cfg.model.text)
         return build_reranker(self.bi_encoder, self.cfg.rerank).train()
 
-    def build_loader(self, trainer: Trainer) -> GroupBatches:
-        from mmscale.retrieval.mining import mined_dir, read_mined
+    def build_loader(self, trainer: Trainer) -> Any:
+        from mmscale.data import build_train_loader
+        from mmscale.data.manifest import COUNTS_CACHE_NAME
 
-        r, m = self.cfg.rerank, self.cfg.model
-        records, summary = read_mined(r.mined or mined_dir(self.user_cfg))
-        wanted = {k for rec in records for k in [rec["positive_key"], *rec["negative_keys"][: r.group_size - 1]]}
-        images = load_images(
-            self.user_cfg.mine.data or self.user_cfg.data.train, wanted, preprocess=self.teacher.preprocess,
-            tokenizer=self.tokenizer, max_length=m.text.max_length,
-        )  # fmt: skip
-        scale = r.teacher_scale or float(summary.get("logit_scale", 0.0)) or float(self.teacher.scale_and_bias()[0])
-        data = RerankGroups(records, images, self.tokenizer, m.text.max_length, r.group_size, scale)
-        if len(data) == 0:
-            raise BadInputError(f"rerank.mined: no mined group has {r.group_size - 1} negatives with images; "
-                                "lower rerank.group_size or mine more negatives (mine.num_negatives)")
+        r = self.cfg.rerank
         if trainer.rank == 0:
-            log.info("reranker: %d groups of %d (%d short groups dropped), %d images in memory, teacher scale %.2f",
-                     len(data), r.group_size, data.dropped, len(images), scale)
-        per_rank = r.global_batch_size // trainer.world_size
-        return GroupBatches(data, trainer.rank, trainer.world_size, per_rank, self.cfg.train.seed)
+            log.info("reranker: groups of %d from %s, teacher scale %.2f", r.group_size, self.groups, self.teacher_scale)
+        return build_train_loader(
+            self.cfg.data, batch_size=r.global_batch_size // trainer.world_size, rank=trainer.rank,
+            world_size=trainer.world_size, seed=self.cfg.train.seed, preprocess=self.teacher.preprocess,
+            tokenizer=self.tokenizer, max_length=self.cfg.model.text.max_length,
+            pin_memory=distributed.comm_device().type == "cuda", counts_cache=trainer.output_dir / COUNTS_CACHE_NAME,
+        )  # fmt: skip
 
     def step(self, trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
         from mmscale.train.gradcache import all_ranks_finite
 
         r, device, engine = self.cfg.rerank, trainer.dist.device, trainer.engine
-        scores = engine(batch["pixels"].to(device, non_blocking=True), batch["input_ids"].to(device, non_blocking=True),
+        pixels, mask, teacher = group_inputs(batch, self.teacher_scale)
+        scores = engine(pixels.to(device, non_blocking=True), batch["input_ids"].to(device, non_blocking=True),
                         batch["attention_mask"].to(device, non_blocking=True))  # fmt: skip
+        mask = mask.to(device, non_blocking=True)
         loss, parts = rerank_loss(
-            scores, batch["teacher"].to(device, non_blocking=True), listwise_weight=r.listwise_weight,
+            scores, teacher.to(device, non_blocking=True), mask=mask, listwise_weight=r.listwise_weight,
             distill_weight=r.distill_weight, temperature=r.distill_temperature,
         )  # fmt: skip
         finite = all_ranks_finite(loss)
         if finite:
             engine.backward(loss)
-        return {**parts, "accuracy": (scores.detach().argmax(1) == 0).float().mean(), "finite": finite}
+        best = scores.detach().masked_fill(~mask, float("-inf")).argmax(1)
+        return {**parts, "accuracy": (best == 0).float().mean(), "negatives": mask[:, 1:].float().sum(1).mean(),
+                "finite": finite}
 
     def samples_per_step(self) -> int:
         return self.cfg.rerank.global_batch_size
@@ -220,8 +163,6 @@ class RerankerStage(Stage):
     def finish(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if not self.results or trainer.rank != 0:
             return
-        import json
-
         from mmscale.evaluate import resolve_trained
         from mmscale.retrieval.rerank_eval import format_rerank_table
         from mmscale.train.checkpoint import checkpoint_root, tag_for

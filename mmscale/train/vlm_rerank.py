@@ -28,8 +28,13 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import Config
+from mmscale.data.writer import STATS_NAME
+from mmscale.errors import BadInputError
 from mmscale.losses.ranking import rerank_loss
+from mmscale.retrieval.groups import find_group_shards
+from mmscale.retrieval.mining import SUMMARY_FILE, mined_dir
 from mmscale.train.loop import Stage, Trainer
+from mmscale.train.rerank import rerank_run_config
 from mmscale.train.vlm_step import cached_sequence_step, plain_sequence_step, vlm_codec, vlm_train_loader
 
 log = logging.getLogger(__name__)
@@ -37,60 +42,47 @@ log = logging.getLogger(__name__)
 DEFAULT_TEACHER_SCALE = 20.0  # sentence-transformers' default similarity scale
 
 
-def mined_groups(cfg: Config) -> str:
-    """The group shards a VLM reranker trains on: rerank.mined's `groups/` (mmscale mine), or rerank.mined itself."""
-    from mmscale.retrieval.groups import GROUPS_DIR
-    from mmscale.retrieval.mining import mined_dir
-
-    root = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
-    return str(root / GROUPS_DIR) if (root / GROUPS_DIR).is_dir() else str(root)
-
-
-def vlm_rerank_run_config(cfg: Config) -> Config:
-    """The config the VLM reranker trains under: rerank's batch / lr / steps, the group shards, OUTPUT_DIR/rerank."""
-    r = cfg.rerank
-    train = dataclasses.replace(cfg.train, global_batch_size=r.global_batch_size, lr=r.lr,
-                                min_lr=min(cfg.train.min_lr, r.lr), steps=r.steps, warmup_steps=r.warmup_steps,
-                                eval_every=0)  # fmt: skip
-    data = dataclasses.replace(cfg.data, train=mined_groups(cfg), train_weights=[], hard_negatives=r.group_size - 1,
-                               text_pairs="", text_pairs_share=0.0)  # fmt: skip
-    return dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir) / "rerank"), train=train, data=data)
+def find_groups(cfg: Config) -> Path:
+    """The group shards of `rerank.mined` (mmscale mine's output or its `groups/`), else a BadInputError."""
+    key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
+    try:
+        return find_group_shards(cfg.rerank.mined or mined_dir(cfg))
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{key}: {exc}") from None
 
 
-def teacher_scale(cfg: Config) -> float:
+def vlm_rerank_run_config(cfg: Config, groups: Path) -> Config:
+    """The two-tower reranker's run config (`rerank_run_config`: rerank's batch / lr / steps, the group shards as
+    data, OUTPUT_DIR/rerank), with the gradient cache as `train.gradcache` says: a group couples its pairs."""
+    run_cfg = rerank_run_config(cfg, cfg.model, groups)
+    return dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, gradcache=cfg.train.gradcache))
+
+
+def teacher_scale(cfg: Config, groups: Path) -> float:
     """What the miner's cosines are multiplied by as the distillation teacher's logits.
 
     `rerank.teacher_scale`, else the logit scale the miner recorded in its summary.json, else 20.
     """
     if cfg.rerank.teacher_scale:
         return float(cfg.rerank.teacher_scale)
-    from mmscale.retrieval.mining import SUMMARY_FILE, mined_dir
-
-    root = Path(cfg.rerank.mined) if cfg.rerank.mined else mined_dir(cfg)
-    for summary in (root / SUMMARY_FILE, root.parent / SUMMARY_FILE):
-        if summary.is_file():
-            value = json.loads(summary.read_text()).get("logit_scale")
-            if value:
-                return float(value)
-    return DEFAULT_TEACHER_SCALE
+    summary = groups.parent / SUMMARY_FILE
+    value = json.loads(summary.read_text()).get("logit_scale") if summary.is_file() else None
+    return float(value) if value else DEFAULT_TEACHER_SCALE
 
 
 def group_loss(scores: torch.Tensor, batch_scores: torch.Tensor, negative_mask: torch.Tensor, scale: float,
                cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`rerank_loss` of pair scores [B, G] (positive first) against the miner's scores [B, G] times `scale`.
 
-    A group without a score for one of its real candidates (shards written without a json sidecar)
-    gets the student's own scores as its teacher: its distillation term and gradient are exactly 0.
+    The slots kept are the two-tower stage's (`group_inputs`): the positive, and each negative the
+    group has and the miner scored.
     """
     r = cfg.rerank
-    valid = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1).bool()
-    teacher = batch_scores.float() * scale
-    known = (teacher.isfinite() | ~valid).all(dim=1, keepdim=True)
-    teacher = torch.where(known, teacher.nan_to_num(0.0), scores.detach().float())
-    loss, parts = rerank_loss(scores, teacher, listwise_weight=r.listwise_weight, distill_weight=r.distill_weight,
-                              temperature=r.distill_temperature, valid=valid)  # fmt: skip
-    masked = scores.detach().float().masked_fill(~valid, float("-inf"))
-    parts["accuracy"] = (masked.argmax(1) == 0).float().mean()
+    kept = negative_mask.bool() & ~batch_scores[:, 1:].isnan()
+    mask = torch.cat([torch.ones_like(kept[:, :1]), kept], dim=1)
+    loss, parts = rerank_loss(scores, batch_scores.float() * scale, mask=mask, listwise_weight=r.listwise_weight,
+                              distill_weight=r.distill_weight, temperature=r.distill_temperature)  # fmt: skip
+    parts["accuracy"] = (scores.detach().float().masked_fill(~mask, float("-inf")).argmax(1) == 0).float().mean()
     return loss, parts
 
 
@@ -102,7 +94,14 @@ class VlmRerankStage(Stage):
 
     def __init__(self, cfg: Config) -> None:
         self.user_cfg = cfg
-        super().__init__(vlm_rerank_run_config(cfg))
+        self.groups = find_groups(cfg)
+        mined = json.loads((self.groups / STATS_NAME).read_text()).get("num_negatives")
+        if isinstance(mined, int) and mined < cfg.rerank.group_size - 1:
+            raise BadInputError(f"rerank.group_size={cfg.rerank.group_size} needs {cfg.rerank.group_size - 1} "
+                                f"negatives per group, but {self.groups} holds at most {mined}: set "
+                                f"rerank.group_size={mined + 1} or mine more negatives")
+        self.teacher_scale = teacher_scale(cfg, self.groups)
+        super().__init__(vlm_rerank_run_config(cfg, self.groups))
 
     def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
         from mmscale.data.vlm import VlmRenderer
@@ -115,7 +114,6 @@ class VlmRerankStage(Stage):
         self.preprocess = model.preprocess
         self.renderer = VlmRenderer.from_processor(self.processor, self.preprocess)
         self.codec = vlm_codec(cfg, self.renderer, negatives=cfg.rerank.group_size - 1, pairs=True)
-        self.teacher_scale = teacher_scale(self.user_cfg)
         cfg.model = self_contained_vlm(cfg.model, model)
         if trainer.rank == 0:
             log.info("VLM reranker: groups of %d from %s, teacher scale %.2f", cfg.rerank.group_size, cfg.data.train,
