@@ -29,6 +29,10 @@ POOLINGS = ("cls", "mean", "eos", "last")
 PROJECTIONS = ("linear", "linear_bias", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 INIT_FORMATS = ("", "transformers", "open_clip", "timm", "sentence_transformers", "mmscale")
+MODEL_KINDS = ("dual_encoder", "vlm")
+VLM_PROMPT_FORMATS = ("chat", "plain")
+VLM_PROJECTIONS = ("none", "linear", "linear_bias")
+ATTN_IMPLEMENTATIONS = ("", "eager", "sdpa", "flash_attention_2")
 TEXT_CLEANING = ("", "whitespace", "lower", "canonicalize")
 
 
@@ -63,6 +67,52 @@ class ImagePreprocess:
             std=tuple(float(v) for v in data["std"]), resize="shortest" if resize == "shorter_side" else resize,
             interpolation=data.get("interpolation", "bilinear"), crop_pct=float(data.get("crop_pct", 1.0)),
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VlmPreprocess:
+    """How a vision-language model's input is made: image resizing and patching, the prompts, the rendering.
+
+    Images keep their aspect ratio: each is resized (bicubic, antialiased, as the Qwen-VL processors do)
+    to the nearest height and width divisible by `patch_size * merge_size` whose area lies within
+    [`min_pixels`, `max_pixels`], cut into `patch_size` squares, and normalised `(x / 255 - mean) / std`
+    on the model's device. A side's content is rendered through the model's chat template (`chat`:
+    the prompt as a system message, then a user message of the image and the text) or as plain text
+    (`plain`: prompt, image, text), each image placeholder repeated once per merged patch. Plain data,
+    written to and read from `preprocess.json`.
+    """
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    min_pixels: int
+    max_pixels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    query_prompt: str = ""
+    document_prompt: str = ""
+    prompt_format: str = "chat"
+    add_generation_prompt: bool = True
+    max_text_tokens: int = 512
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this (one merged patch)."""
+        return self.patch_size * self.merge_size
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
+        out = dataclasses.asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VlmPreprocess:
+        """Back from `to_json`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        return cls(**values)
 
 
 # --------------------------------------------------------------------------- sections
@@ -144,9 +194,34 @@ class TextConfig:
 
 
 @dataclass
+class VlmConfig:
+    """One vision-language model for queries and documents alike (`model.kind: vlm`): Qwen2-VL, Qwen2.5-VL, Qwen3-VL."""
+
+    name_or_path: str = ""  # hub name or local directory of a transformers Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (a base VLM or an embedder such as Qwen3-VL-Embedding)
+    processor: str = ""  # hub name or local directory of its processor (tokenizer, image processor, chat template); empty: name_or_path
+    config: dict[str, Any] = field(default_factory=dict)  # inline transformers config (with model_type): a random-init model of this shape instead of the weights at name_or_path
+    min_pixels: int = 0  # images are resized, aspect ratio kept, to at least this many pixels; 0: the processor's setting
+    max_pixels: int = 0  # ... and to at most this many (what bounds a page's cost in tokens); 0: the processor's setting
+    query_prompt: str = ""  # instruction in front of every query (the system message in chat format), e.g. "Retrieve images that match the description."
+    document_prompt: str = ""  # instruction in front of every document; empty: none
+    prompt_format: str = "chat"  # chat: through the model's chat template (prompt as system message, content as user message) | plain: prompt + image + text, no template
+    add_generation_prompt: bool = True  # chat format: end with the assistant header, whose last token is pooled (as Qwen3-VL-Embedding)
+    max_text_tokens: int = 512  # a side's text is cut to this many tokens (image tokens are never cut)
+    proj: str = "none"  # none: the last token's state (L2-normalised) is the embedding | linear | linear_bias: a projection to model.embed_dim
+    learn_temperature: bool = True  # the logit scale trains; false: fixed at model.init_logit_scale
+    vision_locked: bool = False  # freeze the vision encoder and its patch merger (train the language model only)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (peft) on the language model; the vision encoder trains fully unless vision_locked
+    grad_checkpointing: bool = False  # recompute activations in backward (both encoders): less memory, more compute
+    attn_implementation: str = ""  # eager | sdpa | flash_attention_2; empty: transformers' default (sdpa)
+    yes_token: str = "yes"  # reranker: the relevance score is logit(yes_token) - logit(no_token) at the last position
+    no_token: str = "no"  # reranker: the token whose logit is subtracted
+
+
+@dataclass
 class ModelConfig:
     """The dual encoder: two towers projected into one space."""
 
+    kind: str = "dual_encoder"  # dual_encoder (a timm image tower + a transformers text tower) | vlm (one vision-language model for both sides: model.vlm)
     init_from: str = ""  # start from a pretrained model: a hub name or folder of a transformers CLIP/SigLIP, an open_clip model (hf-hub:ORG/NAME, local-dir:PATH, open_clip:NAME:TAG_OR_FILE), a sentence-transformers folder, timm:NAME[:FILE] (the vision tower), or an mmscale run, checkpoint or export (a later round from an earlier one's weights)
     init_format: str = ""  # the source's format where a folder holds several: transformers | open_clip | timm | sentence_transformers | mmscale; empty: recognised from what is there
     embed_dim: int = 256  # shared embedding size both towers project to
@@ -156,6 +231,7 @@ class ModelConfig:
     max_logit_scale: float = math.log(100)  # the log scale is clamped here: ln(100) (raised to a pretrained model's own scale)
     init_logit_bias: float = -10.0  # SigLIP only
     head_lr_mult: float = 1.0  # learning-rate multiplier of the projections and the logit scale / bias
+    vlm: VlmConfig = field(default_factory=VlmConfig)
 
 
 @dataclass
@@ -176,6 +252,7 @@ class TrainConfig:
 
     global_batch_size: int = 256  # contrastive batch across all ranks
     chunk_size: int = 32  # samples per forward/backward chunk in the gradient cache
+    chunk_tokens: int = 0  # model.kind=vlm: tokens per chunk (rows x longest sequence, image tokens included) instead of chunk_size sequences; 0: chunk_size sequences
     steps: int = 1000  # optimizer steps of the run
     lr: float = 5e-4  # peak learning rate (AdamW)
     min_lr: float = 0.0  # cosine decays to this
@@ -488,6 +565,16 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _check(d.text_pairs_share == 0, "data.text_pairs_share",
                f"is {d.text_pairs_share} but data.text_pairs names no shards")
 
+    _one_of(m.kind, MODEL_KINDS, "model.kind")
+    if m.kind == "vlm":
+        _validate_vlm(m)
+        # A VLM sample declares its sides itself (query.* / doc.*: text, image or both), so a text pair
+        # is an ordinary sample of data.train; several captions per image are not read.
+        _check(not d.text_pairs.strip(), "data.text_pairs", "is for two towers; with model.kind=vlm put text pairs "
+               "(query.txt + doc.txt, or KEY.txt + KEY.pos.txt) in data.train")
+        _check(not d.multi_caption, "data.multi_caption", "is not read by model.kind=vlm (one query per sample)")
+        _check(lo.distill_weight == 0, "loss.distill_weight", "distils into two towers; model.kind=vlm trains its "
+               "embedder contrastively (its cross-encoder distils from the miner: rerank.distill_weight)")
     _check(m.embed_dim > 0, "model.embed_dim", f"must be > 0, got {m.embed_dim}")
     _check(m.vision.image_size >= 8, "model.vision.image_size", f"too small: {m.vision.image_size}")
     _one_of(m.vision.resize, RESIZE_MODES, "model.vision.resize")
@@ -531,8 +618,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(lo.distill_weight == 0 or cfg.data.hard_negatives > 0, "loss.distill_weight",
            "distils the reranker's scores over each caption's mined group: set data.hard_negatives=K and train on "
            "group shards rescored by `mmscale mine --rescore-with RERANKER`")
+    # A VLM without projection embeds at its hidden size, known once its config is read (checked at build).
+    embed_dim_known = m.kind != "vlm" or m.vlm.proj != "none"
     for i, dim in enumerate(lo.matryoshka_dims):
-        _check(0 < dim <= m.embed_dim, f"loss.matryoshka_dims[{i}]", f"{dim} not in 1..model.embed_dim ({m.embed_dim})")
+        _check(dim > 0 and (dim <= m.embed_dim or not embed_dim_known), f"loss.matryoshka_dims[{i}]",
+               f"{dim} not in 1..model.embed_dim ({m.embed_dim})")
     if lo.matryoshka_weights:
         _check(
             len(lo.matryoshka_weights) == len(lo.matryoshka_dims),
@@ -542,6 +632,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
     _check(t.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     _check(t.chunk_size > 0, "train.chunk_size", "must be > 0")
+    _check(t.chunk_tokens >= 0, "train.chunk_tokens", f"must be >= 0 (0: chunk_size sequences per chunk), got {t.chunk_tokens}")
+    _check(not t.chunk_tokens or m.kind == "vlm", "train.chunk_tokens",
+           "chunks by tokens only for model.kind=vlm (a dual encoder's chunks are train.chunk_size samples)")
     _check(t.steps > 0, "train.steps", "must be > 0")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", f"must be in [0, train.lr], got {t.min_lr}")
@@ -587,6 +680,31 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     return cfg
 
 
+def _validate_vlm(m: ModelConfig) -> None:
+    """The `model.vlm` section of a `model.kind: vlm` run."""
+    v = m.vlm
+    _check(not m.init_from, "model.init_from", "converts two-tower models; a vision-language model starts from "
+           "model.vlm.name_or_path")
+    _check(bool(v.name_or_path or v.config), "model.vlm.name_or_path",
+           "is empty: name the vision-language model (a hub name or a local directory), or give model.vlm.config")
+    _check(not v.config or bool(v.config.get("model_type")), "model.vlm.config", "needs a model_type (e.g. qwen3_vl)")
+    _check(bool(v.processor or v.name_or_path), "model.vlm.processor",
+           "is empty: an inline model.vlm.config needs the processor (tokenizer, image processor, chat template) to use")
+    for name in ("min_pixels", "max_pixels"):
+        _check(getattr(v, name) >= 0, f"model.vlm.{name}", f"must be >= 0 (0: the processor's), got {getattr(v, name)}")
+    _check(not (v.min_pixels and v.max_pixels) or v.min_pixels <= v.max_pixels, "model.vlm.min_pixels",
+           f"{v.min_pixels} exceeds model.vlm.max_pixels {v.max_pixels}")
+    _one_of(v.prompt_format, VLM_PROMPT_FORMATS, "model.vlm.prompt_format")
+    _one_of(v.proj, VLM_PROJECTIONS, "model.vlm.proj")
+    _one_of(v.attn_implementation, ATTN_IMPLEMENTATIONS, "model.vlm.attn_implementation")
+    _check(v.max_text_tokens > 0, "model.vlm.max_text_tokens", f"must be > 0, got {v.max_text_tokens}")
+    _check(v.lora.rank >= 0, "model.vlm.lora.rank", f"must be >= 0 (0: no adapters), got {v.lora.rank}")
+    _check(v.lora.alpha > 0, "model.vlm.lora.alpha", f"must be > 0, got {v.lora.alpha}")
+    _check(0 <= v.lora.dropout < 1, "model.vlm.lora.dropout", f"must be in [0, 1), got {v.lora.dropout}")
+    _check(bool(v.yes_token) and bool(v.no_token) and v.yes_token != v.no_token, "model.vlm.yes_token",
+           f"the reranker needs two different tokens, got {v.yes_token!r} and {v.no_token!r}")
+
+
 def validate_world(cfg: Config, world_size: int, stage: str = "train") -> Config:
     """Check the batch arithmetic of a stage (train | rerank) for a number of ranks and remember it."""
     t = cfg.train
@@ -605,7 +723,7 @@ def validate_world(cfg: Config, world_size: int, stage: str = "train") -> Config
         f"{t.global_batch_size} is not divisible by the world size {world_size}",
     )
     per_rank = t.global_batch_size // world_size
-    if t.gradcache:
+    if t.gradcache and cfg.model.kind == "dual_encoder":  # a VLM's chunks are planned per batch, ranks agree on their number
         _check(
             per_rank % t.chunk_size == 0,
             "train.global_batch_size",

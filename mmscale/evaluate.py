@@ -244,7 +244,16 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         info = distributed.init_distributed(timeout_s=int(os.environ.get("MMSCALE_TIMEOUT_S", "1800")))
     device = info.device if info is not None else torch.device("cpu")
     checkpoint = resolve_trained(args.model)
-    model, model_cfg = load_bi_encoder(checkpoint["path"])  # the resolved step: a newer save cannot slip in
+    from mmscale.models.load import ModelLoadError, load_model
+
+    loaded = load_model(checkpoint["path"])  # the resolved step: a newer save cannot slip in
+    if loaded.kind == "vlm":  # [vlm] query -> document retrieval of a vision-language embedder
+        from mmscale.evaluate_vlm import run_vlm_eval
+
+        return run_vlm_eval(args, loaded, checkpoint, device)
+    if loaded.kind != "dual_encoder":
+        raise ModelLoadError(f"{args.model}: holds a {loaded.kind}, not the dual_encoder asked for")
+    model, model_cfg = loaded.model, loaded.spec.model
     model.to(device)
     eval_cfg = EvalConfig(batch_size=args.batch_size, zero_shot_classes=args.zero_shot)
     metrics, (enc, corpus, t2i) = _evaluate(

@@ -219,8 +219,9 @@ class RerankerModel(_LoadedModel):
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> EmbeddingModel | RerankerModel:
-    """A model for inference from an export directory, a training checkpoint or a pretrained source.
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None) -> Any:
+    """A model for inference from an export directory, a training checkpoint or a pretrained source: an
+    `EmbeddingModel`, a `RerankerModel`, or for vision-language models their `inference_vlm` counterparts.
 
     `dtype` (fp32 | bf16) defaults to the exported one (fp32 for a checkpoint or a source).
     """
@@ -228,6 +229,10 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = loaded.model.to(DTYPES[dtype or loaded.dtype])
+    if loaded.kind in ("vlm", "vlm_reranker"):  # [vlm] vision-language models: mmscale/inference_vlm.py
+        from mmscale.inference_vlm import vlm_inference_model
+
+        return vlm_inference_model(loaded.kind, model, loaded.tokenizer(), device)
     cls = RerankerModel if loaded.kind == "reranker" else EmbeddingModel
     return cls(model, loaded.tokenizer(), model.preprocess, loaded.spec.model.text.max_length, device)
 

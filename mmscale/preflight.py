@@ -300,6 +300,13 @@ def check_timm_model(name: str, key: str = "model.vision.name") -> list[Finding]
 
 @register("model", stages=("train",))
 def _check_model(cfg: Config, ctx: Context) -> list[Finding]:
+    if cfg.model.kind == "vlm":  # [vlm] one vision-language model: its weights (or inline config) and processor
+        vl = cfg.model.vlm
+        findings = [] if not vl.name_or_path else check_hf_source(vl.name_or_path, "model.vlm.name_or_path")
+        if vl.processor or vl.config:
+            findings += check_hf_source(vl.processor or vl.name_or_path, "model.vlm.processor",
+                                        ("processor_config.json", "preprocessor_config.json"), "processor")
+        return findings
     v, t = cfg.model.vision, cfg.model.text
     if cfg.model.init_from:
         # The pretrained source defines the towers and the tokenizer: locate it (offline, no weights
@@ -383,6 +390,8 @@ def _check_resume(cfg: Config, ctx: Context) -> list[Finding]:
 
 @register("mine.checkpoint", stages=("mine", "rerank"))
 def _check_mine_checkpoint(cfg: Config, ctx: Context) -> list[Finding]:
+    if cfg.model.kind == "vlm" and ctx.stage == "rerank":  # [vlm] the cross-encoder starts from model.vlm instead
+        return _check_model(cfg, ctx)
     return check_model_source(cfg.mine.checkpoint, "mine.checkpoint")
 
 

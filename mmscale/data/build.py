@@ -153,6 +153,7 @@ def build_train_loader(
     max_length: int,
     pin_memory: bool = False,
     counts_cache: str | os.PathLike | None = None,
+    codec: Any = None,
 ) -> StreamingLoader | KindMixLoader:
     """The training loader of one rank (`data.mode`: epoch = each sample once per epoch, resampled = endless).
 
@@ -160,6 +161,8 @@ def build_train_loader(
     broadcast) and kept in `counts_cache` when given; `pin_memory` pins batches (for CUDA).
     With `data.text_pairs`, a `KindMixLoader`: the image-text batches of `data.train` (in their
     mode) and text-pair batches drawn with replacement, a `data.text_pairs_share` of the steps.
+    `codec` reads samples of another shape (data.vlm.VlmCodec: `preprocess`, `tokenizer` and
+    `max_length` are then unused).
     """
     if batch_size < 1:
         raise ValueError(f"per-rank batch_size must be >= 1, got {batch_size}")
@@ -202,6 +205,7 @@ def build_train_loader(
         round_shards=max(MIN_ROUND_SHARDS, math.ceil(len(urls) / (world_size * streams))),
         hard_negatives=data_cfg.hard_negatives,
         multi_caption=data_cfg.multi_caption,
+        codec=codec,
     )
     loader = StreamingLoader(
         spec,
@@ -248,6 +252,7 @@ def build_eval_loader(
     pin_memory: bool = False,
     multi_caption: bool = False,
     hard_negatives: int = 0,
+    codec: Any = None,
 ) -> StreamingLoader:
     """A deterministic evaluation loader: no shuffle, no drop, each sample once across ranks.
 
@@ -285,6 +290,7 @@ def build_eval_loader(
         retry_delay=shard_retry_delay,
         multi_caption=multi_caption,
         hard_negatives=hard_negatives,
+        codec=codec,
     )
     if eval_splits_by_sample(len(spec.all_urls), world_size):
         _say_once(f"eval: {len(spec.all_urls)} shards for {world_size} ranks: every rank reads them all and "

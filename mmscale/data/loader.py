@@ -71,8 +71,15 @@ class Record(NamedTuple):
         return self.fields["key"]
 
 
-def _records(batch: dict) -> list[Record]:
-    """Split a worker batch into per-sample records."""
+def _records(batch: dict, codec: Any = None) -> list[Record]:
+    """Split a worker batch into per-sample records.
+
+    With a sample codec (`StreamSpec.codec`, e.g. data.vlm's) a record's fields are the codec's item
+    (what its `collate` takes) with the sample's key and text.
+    """
+    if codec is not None:
+        return [Record({**item, "key": batch["key"][i], "text": batch["text"][i]}, batch["_worker"], batch["_pos"][i])
+                for i, item in enumerate(codec.split(batch))]
     public = _public(batch)
     return [Record({k: v[i] for k, v in public.items()}, batch["_worker"], batch["_pos"][i])
             for i in range(len(batch["key"]))]
@@ -340,6 +347,9 @@ class StreamingLoader:
         return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory, **kwargs)
 
     def _stack(self, records: list[Record]) -> dict:
+        if self.spec.codec is not None:
+            return {**self.spec.codec.collate([r.fields for r in records]), "key": [r.key for r in records],
+                    "text": [r.fields["text"] for r in records]}
         out: dict[str, Any] = {}
         for name, first in records[0].fields.items():
             values = [r.fields[name] for r in records]
@@ -416,14 +426,14 @@ class StreamingLoader:
             for w in list(progress["pool"]):  # after a resume: the tails that were waiting, as they were
                 batch = batches.next(w)
                 self._take(w, batch)
-                pool.extend(_records(batch))
+                pool.extend(_records(batch, self.spec.codec))
             while progress["active"] and (target is None or self.batches_done < target):
                 w = progress["active"][progress["turn"]]
                 batch = batches.next(w)
                 self._take(w, batch)
                 if not batch["_last"]:
                     if fresh and w == 0 and first is None:
-                        first = _records(batch)
+                        first = _records(batch, self.spec.codec)
                     progress["turn"] = (progress["turn"] + 1) % len(progress["active"])
                     self.batches_done += 1
                     yield _public(batch)
@@ -432,7 +442,7 @@ class StreamingLoader:
                 if progress["turn"] >= len(progress["active"]):
                     progress["turn"] = 0
                 if batch["key"]:
-                    pool.extend(_records(batch))
+                    pool.extend(_records(batch, self.spec.codec))
                     progress["pool"].append(w)
                 else:
                     workers[w]["done"] = True
@@ -479,7 +489,7 @@ class StreamingLoader:
         out: list[Record] = []
         for worker in range(self.spec.workers):
             for batch in self.dataset.iter_worker(worker):
-                out.extend(_records(batch))
+                out.extend(_records(batch, self.spec.codec))
                 if len(out) >= self.spec.batch_size:
                     return out[: self.spec.batch_size]
         if not out:

@@ -91,6 +91,7 @@ class StreamSpec:
     kind: str = "images"  # images (pairs and mined groups) | text_pairs (query, document)
     hard_negatives: int = 0  # K mined negatives per sample (0: none; a group is read as its caption and positive)
     multi_caption: bool = False  # the caption member holds several captions: one is used per image and epoch
+    codec: Any = None  # decodes and collates samples of another shape (data.vlm.VlmCodec); None: as `kind` says
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -228,6 +229,8 @@ class SampleStream(IterableDataset):
         the sample itself is kept.
         """
         spec = self.spec
+        if spec.codec is not None:
+            return spec.codec.decode(sample, issues)
         if spec.kind == "text_pairs":
             return {"text": decoding.caption(sample, spec.text_key), "doc_text": decoding.document(sample)}
         text = self._caption(sample, crop_seed)
@@ -308,8 +311,11 @@ class SampleStream(IterableDataset):
                 state: dict | None = None) -> dict:
         """Stack decoded samples (fields, key, pos) into a batch dict, with the bookkeeping the main process needs."""
         spec = self.spec
-        fields = self.empty_fields()
-        if items:
+        if spec.codec is not None:
+            fields = {**spec.codec.collate([it[0] for it in items]), "text": [it[0]["text"] for it in items]}
+        else:
+            fields = self.empty_fields()
+        if spec.codec is None and items:
             for name in items[0][0]:
                 values = [it[0][name] for it in items]
                 if name in ("text", "doc_text"):

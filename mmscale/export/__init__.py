@@ -50,6 +50,7 @@ from mmscale.models.load import (  # noqa: F401 - re-exported for the writers' c
     KINDS,
     PREPROCESS_FILE,
     TOKENIZER_DIR,
+    VLM_KINDS,
     WEIGHTS_FILE,
     LoadedModel,
     ModelLoadError,
@@ -145,7 +146,12 @@ def export_model(
     names = parse_formats(formats)
     info = info or CardInfo()
     model = model.eval()
-    shape = detect_shape(model, spec.model, tokenizer, run_model_cfg=info.run.model if info.run is not None else None)
+    if spec.kind in VLM_KINDS:  # [vlm] vision-language models: export/st_vlm.py
+        from mmscale.export.st_vlm import vlm_shape
+
+        shape = vlm_shape(model)
+    else:
+        shape = detect_shape(model, spec.model, tokenizer, run_model_cfg=info.run.model if info.run is not None else None)
     for name in names:
         check_format(shape, name)  # refuse before a single file is written
     out = check_output(output, overwrite=overwrite, sources=protect)
@@ -159,6 +165,12 @@ def export_model(
             folder.mkdir(exist_ok=True)
             _write_format(name, model, spec, shape, tokenizer, folder, dtype, info, prompts)
             card_info = info if len(names) == 1 else dataclasses.replace(info, location=info.repo or str(out / name))
+            if spec.kind in VLM_KINDS:  # [vlm]
+                from mmscale.export.st_vlm import render_vlm_card
+
+                (folder / "README.md").write_text(render_vlm_card(name, spec.kind, model, spec.model, card_info, dtype,
+                                                                  other))
+                continue
             (folder / "README.md").write_text(render_card(
                 name, spec.kind, shape.kind, spec.model, card_info, embed_dim=_embed_dim(model),
                 logit_scale=math.exp(scale) if scale is not None else None, logit_bias=bias, dtype=dtype,
@@ -176,7 +188,11 @@ def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, toke
                   dtype: str, info: CardInfo, prompts: dict[str, str] | None) -> None:
     matryoshka = info.source.get("matryoshka_dims")
     torch_dtype = DTYPES[dtype]
-    if name == "mmscale":
+    if spec.kind in VLM_KINDS:  # [vlm] `tokenizer` is the model's processor
+        from mmscale.export.st_vlm import write_vlm_format
+
+        write_vlm_format(name, model, spec, tokenizer, folder, dtype, info.source, matryoshka, prompts)
+    elif name == "mmscale":
         write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
     elif name == "sentence-transformers" and spec.kind == "reranker":
         from mmscale.export.st import write_cross_encoder

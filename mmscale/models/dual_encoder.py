@@ -22,7 +22,43 @@ from mmscale.models.towers import (
 )
 
 
-class DualEncoder(nn.Module):
+class LogitScaleMixin:
+    """The learnable temperature (and SigLIP bias) of a contrastive model: capped, computed in fp32 under bf16.
+
+    Expects `logit_scale` (a [1] parameter holding the log of the multiplier), `logit_bias` (a [1]
+    parameter or None) and `max_logit_scale` on the module; shared by the dual encoder and the
+    vision-language embedder.
+    """
+
+    def set_fp32_scalars(self, values: dict[str, torch.Tensor]) -> None:
+        """fp32 values of `logit_scale` / `logit_bias` to compute with while the parameters are held in bf16.
+
+        The parameters still receive the gradient (a straight-through sum below); the optimizer's fp32
+        masters are what these values come from (see `train.engine.refresh_fp32_scalars`).
+        """
+        self._fp32_scalars = {k: v.detach().float() for k, v in values.items()}
+
+    def _scalar(self, name: str) -> torch.Tensor:
+        param = getattr(self, name)
+        shadow = getattr(self, "_fp32_scalars", {}).get(name)
+        if shadow is None:
+            return param
+        # Value: the fp32 master exactly; gradient: d/dparam = 1, as if the parameter were fp32.
+        return shadow.to(param.device) + (param - param.detach()).float()
+
+    def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
+        # Above the cap the scale is the constant cap: no gradient, which is what stops the temperature
+        # there. At the cap itself the gradient passes (clamp's would not), so that a pretrained model
+        # loaded with its scale exactly at the cap (OpenAI CLIP's ln 100, or a raised cap) still trains it.
+        log_scale = self._scalar("logit_scale")
+        over = log_scale > self.max_logit_scale
+        capped = torch.where(over, torch.full_like(log_scale, self.max_logit_scale), log_scale)
+        scale = capped.exp().reshape(())
+        return scale, (self._scalar("logit_bias").reshape(()) if self.logit_bias is not None else None)
+
+
+class DualEncoder(LogitScaleMixin, nn.Module):
     """Image and text towers projected to `embed_dim`, L2-normalised, with `logit_scale` (and SigLIP `logit_bias`)."""
 
     def __init__(
@@ -122,33 +158,6 @@ class DualEncoder(nn.Module):
         weight = getattr(proj, "weight", None)
         emb = proj(features.to(weight.dtype) if weight is not None else features)
         return F.normalize(emb, dim=-1) if normalize else emb
-
-    def set_fp32_scalars(self, values: dict[str, torch.Tensor]) -> None:
-        """fp32 values of `logit_scale` / `logit_bias` to compute with while the parameters are held in bf16.
-
-        The parameters still receive the gradient (a straight-through sum below); the optimizer's fp32
-        masters are what these values come from (see `train.engine.refresh_fp32_scalars`).
-        """
-        self._fp32_scalars = {k: v.detach().float() for k, v in values.items()}
-
-    def _scalar(self, name: str) -> torch.Tensor:
-        param = getattr(self, name)
-        shadow = getattr(self, "_fp32_scalars", {}).get(name)
-        if shadow is None:
-            return param
-        # Value: the fp32 master exactly; gradient: d/dparam = 1, as if the parameter were fp32.
-        return shadow.to(param.device) + (param - param.detach()).float()
-
-    def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The logit multiplier exp(min(logit_scale, max)) and the SigLIP bias (None without one), as 0-dim tensors."""
-        # Above the cap the scale is the constant cap: no gradient, which is what stops the temperature
-        # there. At the cap itself the gradient passes (clamp's would not), so that a pretrained model
-        # loaded with its scale exactly at the cap (OpenAI CLIP's ln 100, or a raised cap) still trains it.
-        log_scale = self._scalar("logit_scale")
-        over = log_scale > self.max_logit_scale
-        capped = torch.where(over, torch.full_like(log_scale, self.max_logit_scale), log_scale)
-        scale = capped.exp().reshape(())
-        return scale, (self._scalar("logit_bias").reshape(()) if self.logit_bias is not None else None)
 
     def forward(
         self,

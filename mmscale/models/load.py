@@ -42,8 +42,10 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "mmscale_config.json"
 PREPROCESS_FILE = "preprocess.json"
 TOKENIZER_DIR = "tokenizer"
+PROCESSOR_DIR = "processor"  # a vision-language model's processor (tokenizer, image processor, chat template)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KINDS = ("dual_encoder", "reranker")
+VLM_KINDS = ("vlm", "vlm_reranker")  # a vision-language embedder (model.kind=vlm) and its cross-encoder
+KINDS = ("dual_encoder", "reranker", *VLM_KINDS)
 
 
 class ModelLoadError(BadInputError, RuntimeError):
@@ -65,7 +67,9 @@ class ModelSpec:
     def to_json(self) -> dict[str, Any]:
         """The `mmscale_config.json` body (without the dtype)."""
         out: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": self.kind, "model": to_dict(self.model)}
-        if self.kind == "reranker":
+        if self.kind in VLM_KINDS:
+            out["with_bias"] = self.with_bias
+        elif self.kind == "reranker":
             r = self.rerank
             out["rerank"] = {"fusion_dim": r.fusion_dim, "fusion_layers": r.fusion_layers, "fusion_heads": r.fusion_heads}
         else:
@@ -80,6 +84,8 @@ class ModelSpec:
         cfg = from_dict({"model": data["model"], "rerank": data.get("rerank", {})})
         if root is not None and cfg.model.text.tokenizer == TOKENIZER_DIR:
             cfg.model.text.tokenizer = str(Path(root).resolve() / TOKENIZER_DIR)
+        if root is not None and cfg.model.vlm.processor == PROCESSOR_DIR:
+            cfg.model.vlm.processor = str(Path(root).resolve() / PROCESSOR_DIR)
         return cls(kind=data["kind"], model=cfg.model, rerank=cfg.rerank, with_bias=bool(data.get("with_bias")))
 
 
@@ -87,6 +93,10 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """An untrained model of the spec's shape (weights are loaded by the caller); reads no weights anywhere."""
     from mmscale.models.dual_encoder import build_dual_encoder
 
+    if spec.kind in VLM_KINDS:  # --- vision-language models: mmscale/models/vlm.py
+        from mmscale.models.vlm import build_vlm_model
+
+        return build_vlm_model(spec.model, spec.kind, with_bias=spec.with_bias, pretrained=False)
     dual = build_dual_encoder(spec.model, with_bias=spec.with_bias, pretrained=False)
     if spec.kind == "dual_encoder":
         return dual
@@ -101,6 +111,10 @@ def self_contained(model_cfg: ModelConfig, model: nn.Module) -> ModelConfig:
     `init_from` stays as provenance (what the run started from); nothing rebuilt from this config
     reads it (`build_model` builds with `pretrained=False`).
     """
+    if model_cfg.kind == "vlm":
+        from mmscale.models.vlm import self_contained_vlm
+
+        return self_contained_vlm(model_cfg, model)
     cfg = copy.deepcopy(model_cfg)
     text_config = model.text.config.to_diff_dict()
     # Versions, origins and dtypes are provenance, not shape; a stale dtype would even change the build.
@@ -210,7 +224,10 @@ def consolidate_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def detect_kind(state_dict: dict[str, torch.Tensor]) -> str:
-    """dual_encoder or reranker, from the parameter names (only the reranker has a fusion transformer)."""
+    """dual_encoder, reranker, vlm or vlm_reranker, from the parameter names (a fusion transformer: the
+    reranker; a `vlm.` backbone: a vision-language model, with a language-model head: its reranker)."""
+    if any(k.startswith("vlm.") for k in state_dict):
+        return "vlm_reranker" if any(k.startswith("lm_head.") for k in state_dict) else "vlm"
     return "reranker" if any(k.startswith("fusion.") for k in state_dict) else "dual_encoder"
 
 
@@ -235,7 +252,12 @@ class LoadedModel:
         return self.spec.kind
 
     def tokenizer(self) -> Any:
-        """The tokenizer the model was trained with (the export's copy, the run's, or the source's)."""
+        """The tokenizer the model was trained with (the export's copy, the run's, or the source's); a
+        vision-language model's processor (its tokenizer, image processor and chat template)."""
+        if self.kind in VLM_KINDS:
+            from mmscale.models.vlm import load_vlm_processor
+
+            return load_vlm_processor(self.spec.model.vlm)
         from mmscale.models.towers import load_tokenizer
 
         return load_tokenizer(self.spec.model.text)
@@ -301,7 +323,8 @@ def _load_checkpoint(path: Path) -> LoadedModel:
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     model_cfg = self_contained(run_cfg.model, model)
-    model_cfg.text.tokenizer = resolve_model_path(model_cfg.text.tokenizer)
+    if spec.kind not in VLM_KINDS:
+        model_cfg.text.tokenizer = resolve_model_path(model_cfg.text.tokenizer)
     meta = json.loads((step_dir / "complete.json").read_text()) if (step_dir / "complete.json").is_file() else {}
     spec = ModelSpec(spec.kind, model_cfg, run_cfg.rerank, spec.with_bias)
     return LoadedModel(model, spec, "fp32", step_dir, "checkpoint", run_config=run_cfg, meta=meta)
@@ -311,7 +334,12 @@ def _load_pretrained(init_from: str) -> LoadedModel:
     from mmscale.models.dual_encoder import build_dual_encoder
     from mmscale.models.pretrained import describe, locate_source, resolve_model_config
     from mmscale.models.towers import resolve_model_path
+    from mmscale.models.vlm import is_vlm_source, load_vlm_source
 
+    if is_vlm_source(init_from):  # a local transformers Qwen-VL folder: an embedder
+        model, model_cfg = load_vlm_source(init_from)
+        spec = ModelSpec("vlm", model_cfg, RerankConfig(), False)
+        return LoadedModel(model, spec, "fp32", Path(init_from), "pretrained", meta={"init_from": init_from})
     try:
         source = locate_source(init_from)
     except ConfigError as exc:

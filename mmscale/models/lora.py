@@ -103,4 +103,5 @@ def without_lora(model_cfg: ModelConfig) -> ModelConfig:
     cfg = copy.deepcopy(model_cfg)
     cfg.vision.lora = LoraConfig()
     cfg.text.lora = LoraConfig()
+    cfg.vlm.lora = LoraConfig()
     return cfg

@@ -564,4 +564,8 @@ class BiEncoderStage(Stage):
 
 def train(cfg: Config) -> int:
     """Run `mmscale train`: returns 0 when done or preempted (a checkpoint was saved), non-zero otherwise."""
+    if cfg.model.kind == "vlm":  # one vision-language model for both sides (train/vlm_step.py)
+        from mmscale.train.vlm_step import VlmStage
+
+        return run(VlmStage(cfg))
     return run(BiEncoderStage(cfg))

@@ -178,6 +178,10 @@ class RerankerStage(Stage):
 
 def train_reranker(cfg: Config) -> int:
     """`mmscale rerank`: train the reranker from `mine.checkpoint`'s towers on `rerank.mined` (OUTPUT_DIR/rerank)."""
+    if cfg.model.kind == "vlm":  # a vision-language cross-encoder on the group shards (train/vlm_rerank.py)
+        from mmscale.train.vlm_rerank import VlmRerankStage
+
+        return run(VlmRerankStage(cfg))
     return run(RerankerStage(cfg))
 
 
