@@ -166,7 +166,7 @@ def table(result: dict[str, Any]) -> str:
     labels = {"round1": "round 1 (icons.yaml)", "hardneg": f"round 2, K={result['hard_negatives']} hard negatives",
               "control": "round 2 steps without negatives", "distill": "round 3, distilled from the reranker"}
     lines = [f"held-out: {result['queries']} captions and images; rounds 2-3: {result['steps']} steps at lr {result['lr']}",
-             f"{'':<40}" + "".join(f"{d}_{m:>9}" for d in ("t2i", "i2t") for m in METRICS)]  # fmt: skip
+             f"{'':<40}" + "".join(f"{d + '_' + m:>13}" for d in ("t2i", "i2t") for m in METRICS)]  # fmt: skip
     for name in MODELS:
         row = result["metrics"][name]
         lines.append(f"{labels[name]:<40}" + "".join(f"{row[f'{d}_{m}']:>13.3f}" for d in ("t2i", "i2t") for m in METRICS))
