@@ -20,12 +20,13 @@ Stages, each the command a user runs, through the ``deepspeed`` launcher on ``--
     rescore    mmscale mine with the same bi-encoder, every group rescored by the reranker (--rescore-with)
     distill    a third round from the hard-negative round's weights on the rescored groups: hard negatives
                plus KL towards the reranker's scores over each group (``--distill`` overrides)
+    round3_control  the same third round with loss.distill_weight=0: what the KL adds
     eval       `mmscale eval` of every bi-encoder on the held-out split (text -> image and image -> text
                Recall@1/5/10, MRR@10), and ``--reranker`` over the hard-negative and the distilled
                bi-encoders' top ``rerank.top_k``
 
 ``--reuse STAGE=PATH`` takes a finished stage's output instead of running it (round1, mine, hardneg,
-mine2, rerank, rescore: a run directory, or a mining output); the JSON records which. ``key=value``
+mine2, rerank, rescore, distill: a run directory, or a mining output); the JSON records which. ``key=value``
 overrides go to the hardneg, control and distill runs alike. Writes ``OUT/bench_hardneg.json``
 (machine, commands, seconds per stage, every figure) and prints the table.
 
@@ -54,8 +55,8 @@ from mmscale.demo import _env, _launcher  # noqa: E402
 from tools.bench_icons import _machine, _stage  # noqa: E402
 
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10")
-MODELS = ("round1", "hardneg", "control", "distill")
-REUSABLE = ("round1", "mine", "hardneg", "mine2", "rerank", "rescore")
+MODELS = ("round1", "hardneg", "control", "distill", "round3_control")
+REUSABLE = ("round1", "mine", "hardneg", "mine2", "rerank", "rescore", "distill")
 RERANKED = ("hardneg", "distill")  # bi-encoders whose candidates the reranker re-ranks
 
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reuse = parse_reuse(args.reuse)
     env, logs = _env(args.ranks), out / "logs"
     path = {name: reuse.get(name, out / name) for name in REUSABLE}
-    path["control"], path["distill"] = out / "control", out / "distill"
+    path["control"], path["round3_control"] = out / "control", out / "round3_control"
     first, second = str(Path(args.first_config).resolve()), str(Path(args.second_config).resolve())
     py = [sys.executable, "-m", "mmscale"]
     k = f"data.hard_negatives={args.hard_negatives}"
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     str(path["rerank"] / "rerank")],
         "distill": ["train", second, f"output_dir={path['distill']}", f"data.train={path['rescore'] / 'groups'}",
                     f"data.val={val}", f"model.init_from={path['hardneg']}", k, *args.overrides, *args.distill],
+        # Round 3 on the same groups without the KL: what the distillation adds beyond more hard-negative steps.
+        "round3_control": ["train", second, f"output_dir={path['round3_control']}",
+                           f"data.train={path['rescore'] / 'groups'}", f"data.val={val}",
+                           f"model.init_from={path['hardneg']}", k, *args.overrides, *args.distill,
+                           "loss.distill_weight=0"],
     }  # fmt: skip
     commands = {name: _launcher(args.ranks, cmd) for name, cmd in plan.items() if name not in reuse}
     for name in MODELS:
@@ -141,7 +147,7 @@ def parse_reuse(items: list[str]) -> dict[str, Path]:
             raise SystemExit(f"bench_hardneg: --reuse {item!r}: {p} does not exist")
         reuse[name] = p
     for later, earlier in (("mine", "round1"), ("hardneg", "mine"), ("mine2", "hardneg"), ("rerank", "mine2"),
-                           ("rescore", "rerank")):  # fmt: skip
+                           ("rescore", "rerank"), ("distill", "rescore")):  # fmt: skip
         if later in reuse and earlier not in reuse:
             raise SystemExit(f"bench_hardneg: --reuse {later}=... needs --reuse {earlier}=... (the run it was made from)")
     return reuse
@@ -164,7 +170,8 @@ def _mined_summary(mined: Path) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     """The bi-encoders both ways, and the re-ranked text -> image figures, as a fixed-width table."""
     labels = {"round1": "round 1 (icons.yaml)", "hardneg": f"round 2, K={result['hard_negatives']} hard negatives",
-              "control": "round 2 steps without negatives", "distill": "round 3, distilled from the reranker"}
+              "control": "round 2 steps without negatives", "distill": "round 3, distilled from the reranker",
+              "round3_control": "round 3 without the distillation"}
     lines = [f"held-out: {result['queries']} captions and images; rounds 2-3: {result['steps']} steps at lr {result['lr']}",
              f"{'':<40}" + "".join(f"{d + '_' + m:>13}" for d in ("t2i", "i2t") for m in METRICS)]  # fmt: skip
     for name in MODELS:
