@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmscale.config import Config, ConfigError, apply_overrides, from_dict, validate
+from mmscale.config import Config, ConfigError, apply_overrides, from_dict, load_config, validate
 from mmscale.errors import BadInputError
 
 GiB = 2**30
@@ -59,9 +57,6 @@ USABLE_SHARE = 0.9
 # (saved by cross-entropy) and, in the backward, their gradients.
 LOSS_BLOCK_TENSORS = 6
 PIN_BATCHES = 2  # the loader's pinning thread: the batch in use and the one pinned ahead
-# The VLM keys of the `vlm` branch (model.kind, model.vlm.*, train.chunk_tokens): read from the YAML
-# itself where this checkout's config has no such keys.
-VLM_KEYS = ("model.kind", "model.vlm", "train.chunk_tokens")
 
 
 class PlanError(BadInputError, ValueError):
@@ -105,68 +100,13 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
 
-def _split_vlm(data: dict) -> tuple[dict, dict]:
-    """(config without the VLM keys this checkout's Config lacks, those keys as a flat {dotted: value})."""
-    known = {f.name for f in dataclasses.fields(Config().model)}
-    if "kind" in known:  # the vlm branch is merged: the Config reads them itself
-        return data, {}
-    data = copy.deepcopy(data)
-    vlm: dict[str, Any] = {}
-    model, train = data.get("model") or {}, data.get("train") or {}
-    for section, key in ((model, "kind"), (model, "vlm"), (train, "chunk_tokens")):
-        if key in section:
-            prefix = "train" if section is train else "model"
-            vlm[f"{prefix}.{key}"] = section.pop(key)
-    return data, vlm
-
-
 def load_plan_config(path: str | None, overrides: list[str]) -> tuple[Config, dict]:
-    """The config to plan and its VLM settings (`model.kind`, `model.vlm`, `train.chunk_tokens`, read
-    defensively: on a checkout without the VLM the YAML's keys are taken as they are)."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    data, vlm = _split_vlm(data)
-    rest = []
-    for text in overrides:
-        key = text.split("=", 1)[0].strip().lstrip("-")
-        if vlm is not None and any(key == k or key.startswith(k + ".") for k in VLM_KEYS) and not _has_vlm_keys():
-            value = yaml.safe_load(text.split("=", 1)[1]) if "=" in text else None
-            _set_dotted(vlm, key, value)
-        else:
-            rest.append(text)
-    cfg = from_dict(apply_overrides(data, rest))
-    validate(cfg)
-    if _has_vlm_keys():
-        vlm = {"model.kind": cfg.model.kind, "model.vlm": dataclasses.asdict(cfg.model.vlm),
-               "train.chunk_tokens": cfg.train.chunk_tokens}
+    """The config to plan and its VLM settings as {"model.kind", "model.vlm" (a dict), "train.chunk_tokens",
+    "data.hard_negatives"}."""
+    cfg = load_config(path, overrides)
+    vlm = {"model.kind": cfg.model.kind, "model.vlm": dataclasses.asdict(cfg.model.vlm),
+           "train.chunk_tokens": cfg.train.chunk_tokens, "data.hard_negatives": cfg.data.hard_negatives}
     return cfg, vlm
-
-
-def _has_vlm_keys() -> bool:
-    return "kind" in {f.name for f in dataclasses.fields(Config().model)}
-
-
-def _set_dotted(flat: dict, key: str, value: Any) -> None:
-    for top in VLM_KEYS:
-        if key == top:
-            flat[top] = value
-            return
-        if key.startswith(top + "."):
-            node = flat.setdefault(top, {})
-            parts = key[len(top) + 1 :].split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = value
-            return
 
 
 # --------------------------------------------------------------------------- the plan
@@ -853,7 +793,7 @@ def plan_vlm(cfg: Config, vlm_keys: dict, cluster: Cluster, with_advice: bool = 
     max_pixels = int(vlm.get("max_pixels") or VLM_DEFAULT_PIXELS)
     image_tokens = max(1, max_pixels // (patch * merge) ** 2)
     text_tokens = int(vlm.get("max_text_tokens", 512))
-    negatives = int(vlm.get("negatives", 0))
+    negatives = int(vlm_keys.get("data.hard_negatives", 0))
     doc_len, query_len = image_tokens + text_tokens, text_tokens
     rows = per_rank * (2 + negatives)  # queries, documents, negatives: all through the one model
     chunk_tokens = int(vlm_keys.get("train.chunk_tokens") or 0)
@@ -926,7 +866,6 @@ def plan_vlm(cfg: Config, vlm_keys: dict, cluster: Cluster, with_advice: bool = 
     plan.traffic = traffic_items(shape.params, trainable, persistent, cfg, world, n_chunks, mode, gathered,
                                  embed_dim, pb)
     plan.deepspeed_estimate = _deepspeed_estimate(shape.params, shape.largest_layer, cluster, t.zero_stage, t.offload)
-    missing = [k for k in VLM_KEYS if k not in vlm_keys]
     plan.assumptions = _assumptions(cfg, pb, zero) + [
         f"a query: {query_len} text tokens; a document: one image of {max_pixels:,} pixels ({image_tokens:,} tokens "
         f"after the {merge}x{merge} merge) + {text_tokens} text tokens"
@@ -935,8 +874,7 @@ def plan_vlm(cfg: Config, vlm_keys: dict, cluster: Cluster, with_advice: bool = 
         "not traced",
         "LoRA: adapters on every linear layer of the language model" if lora else "full fine-tuning of the model"
         + (" (vision encoder locked)" if locked else ""),
-    ] + ([f"keys not in this checkout's config, read from the YAML: {', '.join(VLM_KEYS)}"] if not _has_vlm_keys()
-         else []) + ([f"not set, defaults assumed: {', '.join(missing)}"] if missing else [])
+    ]
     if with_advice:
         plan.advice = advise(cfg, cluster, plan, lambda c: plan_vlm(c, vlm_keys, cluster, with_advice=False))
     return plan
