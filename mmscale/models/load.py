@@ -34,6 +34,7 @@ from torch import nn
 
 from mmscale.config import Config, ConfigError, ModelConfig, RerankConfig, from_dict, to_dict
 from mmscale.errors import BadInputError
+from mmscale.models.checkpoint_layout import COMPLETE_MARKER, TMP_PREFIX, find_latest_below, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,6 @@ def is_export_dir(path: str | os.PathLike) -> bool:
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A complete step directory: `path` itself, or the newest one under `path` or `path/checkpoints`."""
-    # The layout is the trainer's (train/checkpoint.py); reading it needs only these file-system helpers.
-    from mmscale.train.checkpoint import COMPLETE_MARKER, TMP_PREFIX, find_latest_below, is_complete
-
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")

@@ -38,14 +38,24 @@ import torch
 from mmscale import distributed
 from mmscale.errors import BadInputError
 
+# The on-disk layout is shared with the model loader (models/), which reads checkpoints too.
+from mmscale.models.checkpoint_layout import (  # noqa: F401  (re-exported: the trainer's names)
+    _TAG_RE,
+    CHECKPOINT_SUBDIR,
+    COMPLETE_MARKER,
+    TMP_PREFIX,
+    checkpoint_root,
+    find_latest,
+    find_latest_below,
+    is_complete,
+    list_complete,
+    tag_for,
+)
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
-COMPLETE_MARKER = "complete.json"
 LATEST_FILE = "latest"
-TMP_PREFIX = "tmp-"
 UNIVERSAL_PREFIX = "universal-"
-_TAG_RE = re.compile(r"^step_(\d+)$")
 # DeepSpeed's per-rank files: ZeRO optimizer shards (stage 1-3) and ZeRO-3 parameter shards.
 _ZERO_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(optim|model)_states\.pt$")
 # What goes wrong when a file is cut short or damaged, from torch.load and DeepSpeed's loaders.
@@ -57,50 +67,12 @@ class CheckpointError(BadInputError, RuntimeError):
     """A checkpoint asked for does not exist, is incomplete, or cannot be loaded."""
 
 
-def tag_for(step: int) -> str:
-    """The directory name of the checkpoint taken after `step` optimizer steps."""
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    """Where a run keeps its checkpoints."""
-    return Path(output_dir) / CHECKPOINT_SUBDIR
-
-
-def is_complete(path: Path) -> bool:
-    """A step directory whose save finished (not a collective)."""
-    return _TAG_RE.match(path.name) is not None and (path / COMPLETE_MARKER).is_file()
-
-
 def read_meta(path: Path) -> dict[str, Any]:
     """The `complete.json` of a checkpoint directory."""
     try:
         return json.loads((path / COMPLETE_MARKER).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a complete mmscale checkpoint ({exc})") from exc
-
-
-def list_complete(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(_TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root`; torn and temporary ones are skipped."""
-    done = list_complete(root)
-    return done[-1] if done else None
-
-
-def find_latest_below(path: Path) -> Path | None:
-    """The newest complete checkpoint in a checkpoints directory or in a run's output_dir."""
-    for root in (path, path / CHECKPOINT_SUBDIR):
-        latest = find_latest(root)
-        if latest is not None:
-            return latest
-    return None
 
 
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
