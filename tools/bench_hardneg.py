@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": started.strftime("%Y-%m-%d"),
         "machine": _machine(),
         "corpus": str(corpus),
+        "first_config": Path(first).name,
+        "second_config": Path(second).name,
         "reused": {name: str(p) for name, p in reuse.items()},
         "mined_summary": _mined_summary(path["mine"]),
         "mined2_summary": _mined_summary(path["mine2"]),
@@ -169,7 +171,7 @@ def _mined_summary(mined: Path) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The bi-encoders both ways, and the re-ranked text -> image figures, as a fixed-width table."""
-    labels = {"round1": "round 1 (icons.yaml)", "hardneg": f"round 2, K={result['hard_negatives']} hard negatives",
+    labels = {"round1": f"round 1 ({result.get('first_config', 'icons.yaml')})", "hardneg": f"round 2, K={result['hard_negatives']} hard negatives",
               "control": "round 2 steps without negatives", "distill": "round 3, distilled from the reranker",
               "round3_control": "round 3 without the distillation"}
     lines = [f"held-out: {result['queries']} captions and images; rounds 2-3: {result['steps']} steps at lr {result['lr']}",
