@@ -91,10 +91,10 @@ class _LoadedModel:
         self.device = torch.device(device)
 
 
-class EmbeddingModel(_LoadedModel):
-    """A dual encoder ready for inference: `encode_text`, `encode_image`, `similarity`."""
+class Embeddings:
+    """What every embedding model for inference has (`self.model` a module with `embed_dim` and `scale_and_bias`)."""
 
-    kind = "dual_encoder"
+    model: nn.Module
 
     @property
     def embed_dim(self) -> int:
@@ -103,10 +103,23 @@ class EmbeddingModel(_LoadedModel):
 
     @property
     def logit_scale(self) -> float:
-        """The trained temperature multiplier exp(logit_scale): `similarity(a, b) * logit_scale` are CLIP logits."""
+        """The trained temperature multiplier exp(logit_scale): `similarity(a, b) * logit_scale` are the training logits."""
         with torch.no_grad():
             scale, _ = self.model.scale_and_bias()
         return float(scale)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix [len(a), len(b)] (re-normalises, so raw embeddings are fine too); no logit scale."""
+        a = a.unsqueeze(0) if a.ndim == 1 else a
+        b = b.unsqueeze(0) if b.ndim == 1 else b
+        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+class EmbeddingModel(Embeddings, _LoadedModel):
+    """A dual encoder ready for inference: `encode_text`, `encode_image`, `similarity`."""
+
+    kind = "dual_encoder"
 
     def encode_text(
         self,
@@ -173,13 +186,6 @@ class EmbeddingModel(_LoadedModel):
         if not chunks:
             return torch.empty(0, truncate_dim or self.embed_dim)
         return torch.cat(chunks)
-
-    @staticmethod
-    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity matrix [len(a), len(b)] (re-normalises, so raw embeddings are fine too); no logit scale."""
-        a = a.unsqueeze(0) if a.ndim == 1 else a
-        b = b.unsqueeze(0) if b.ndim == 1 else b
-        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 def finish(emb: torch.Tensor, truncate_dim: int | None, normalize: bool, embed_dim: int) -> torch.Tensor:

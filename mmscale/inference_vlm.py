@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from mmscale.data.vlm import DOCUMENT, QUERY, VlmChunks, VlmRenderer, collate_sequences, plan_batch
-from mmscale.inference import finish, to_uint8
+from mmscale.inference import Embeddings, finish, to_uint8
 from mmscale.retrieval.encode import check_truncate_dim
 
 VlmInput = str | Image.Image | os.PathLike | torch.Tensor | dict
@@ -48,7 +47,7 @@ def split_input(item: VlmInput) -> tuple[list[torch.Tensor], str | None]:
                     "both: {'image': ..., 'text': ...})")
 
 
-class VlmEmbeddingModel:
+class VlmEmbeddingModel(Embeddings):
     """A vision-language embedder ready for inference: `encode_query`, `encode_document`, `similarity`."""
 
     kind = "vlm"
@@ -62,17 +61,6 @@ class VlmEmbeddingModel:
         self.renderer = VlmRenderer(processor.tokenizer, processor.chat_template, model.preprocess,
                                     *vision_tokens(processor))
         self.device = torch.device(device)
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the full embedding."""
-        return self.model.embed_dim
-
-    @property
-    def logit_scale(self) -> float:
-        """The trained temperature multiplier: `similarity(q, d) * logit_scale` are the training logits."""
-        with torch.no_grad():
-            return float(self.model.scale_and_bias()[0])
 
     def encode_query(self, inputs: VlmInput | Sequence[VlmInput], **kwargs: Any) -> torch.Tensor:
         """Query embeddings [N, D] (with the query prompt); a single input gives [D]."""
@@ -115,13 +103,6 @@ class VlmEmbeddingModel:
         where = torch.empty(len(order), dtype=torch.long)
         where[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
         return torch.cat(parts).index_select(0, where.to(parts[0].device)).float()
-
-    @staticmethod
-    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity matrix [len(a), len(b)]."""
-        a = a.unsqueeze(0) if a.ndim == 1 else a
-        b = b.unsqueeze(0) if b.ndim == 1 else b
-        return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
 
 
 

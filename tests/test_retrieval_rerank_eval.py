@@ -60,9 +60,7 @@ def _tokenizer(texts):
     return {"input_ids": [[int(t[1:])] for t in texts]}
 
 
-def _rank_batches(rank: int, world: int, n: int, size: int = 3):
-    """This rank's share of n samples, in batches of `size` (ranks may hold different counts)."""
-    idx = list(range(rank, n, world))
+def _batches(idx: list[int], size: int):
     for start in range(0, len(idx), size):
         part = idx[start : start + size]
         yield {
@@ -72,6 +70,11 @@ def _rank_batches(rank: int, world: int, n: int, size: int = 3):
             "key": [f"k{i}" for i in part],
             "text": [f"t{i}" for i in part],
         }
+
+
+def _rank_batches(rank: int, world: int, n: int, size: int = 3):
+    """This rank's share of n samples, in batches of `size` (ranks may hold different counts)."""
+    return _batches(list(range(rank, n, world)), size)
 
 
 def test_oracle_reranker_lifts_recall_at_1_to_the_bi_encoder_recall_at_top_k():
@@ -108,16 +111,7 @@ def test_one_recall_for_one_model_across_both_sections_with_exact_ties():
 
 def _uneven_batches(rank: int, size: int = 4):
     """Rank 0 holds samples 0-9, rank 1 only 10 and 11 (one validation shard much larger than the other)."""
-    part = list(range(10)) if rank == 0 else [10, 11]
-    for start in range(0, len(part), size):
-        rows = part[start : start + size]
-        yield {
-            "image": torch.tensor(rows, dtype=torch.float).view(-1, 1),
-            "input_ids": torch.tensor(rows).view(-1, 1),
-            "attention_mask": torch.ones(len(rows), 1, dtype=torch.long),
-            "key": [f"k{i}" for i in rows],
-            "text": [f"t{i}" for i in rows],
-        }
+    return _batches(list(range(10)) if rank == 0 else [10, 11], size)
 
 
 def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -148,16 +142,7 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def _single_with_the_same_samples(n=12):
     """The samples of the two-rank run (rank 1 drops its last one) in one process."""
-    keep = [i for i in range(n) if not (i % 2 == 1 and i >= n - 2)]
-    for start in range(0, len(keep), 4):
-        part = keep[start : start + 4]
-        yield {
-            "image": torch.tensor(part, dtype=torch.float).view(-1, 1),
-            "input_ids": torch.tensor(part).view(-1, 1),
-            "attention_mask": torch.ones(len(part), 1, dtype=torch.long),
-            "key": [f"k{i}" for i in part],
-            "text": [f"t{i}" for i in part],
-        }
+    return _batches([i for i in range(n) if not (i % 2 == 1 and i >= n - 2)], 4)
 
 
 def test_two_ranks_give_the_single_process_result(tmp_path):
