@@ -49,6 +49,7 @@ from mmscale.models.load import (  # noqa: F401 - re-exported for the writers' c
     FORMAT_VERSION,
     KINDS,
     PREPROCESS_FILE,
+    PROCESSOR_DIR,
     TOKENIZER_DIR,
     VLM_KINDS,
     WEIGHTS_FILE,
@@ -81,18 +82,30 @@ def preprocess_settings(model: nn.Module) -> dict[str, Any]:
 
 def write_mmscale(model: nn.Module, spec: ModelSpec, tokenizer: Any, out: Path, dtype: str = "fp32",
                   source: dict[str, Any] | None = None) -> None:
-    """Write the mmscale format (weights, mmscale_config.json, preprocess.json, tokenizer/) into the directory `out`."""
+    """Write the mmscale format (weights, mmscale_config.json, preprocess.json, tokenizer/) into the directory `out`.
+
+    A vision-language model's `tokenizer` is its processor, written (resizing as the model was
+    trained) into processor/ instead.
+    """
     from safetensors.torch import save_model
 
     weights = copy.deepcopy(model).to(DTYPES[dtype]) if dtype != "fp32" else model
     # save_model (unlike save_file) copes with tied parameters that share storage.
     save_model(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt", "mmscale_kind": spec.kind})
     config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
-    config["model"]["text"]["tokenizer"] = TOKENIZER_DIR  # relative: the directory may be moved
+    # Relative paths: the directory may be moved.
+    if spec.kind in VLM_KINDS:
+        from mmscale.export.st_vlm import export_processor
+
+        config["model"]["vlm"]["processor"] = PROCESSOR_DIR
+        saved, folder = export_processor(model, tokenizer), PROCESSOR_DIR
+    else:
+        config["model"]["text"]["tokenizer"] = TOKENIZER_DIR
+        saved, folder = tokenizer, TOKENIZER_DIR
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     preprocess = preprocess_settings(model)
     (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2) + "\n")
-    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    saved.save_pretrained(str(out / folder))
 
 
 def save_export(
@@ -188,12 +201,12 @@ def _write_format(name: str, model: nn.Module, spec: ModelSpec, shape: Any, toke
                   dtype: str, info: CardInfo, prompts: dict[str, str] | None) -> None:
     matryoshka = info.source.get("matryoshka_dims")
     torch_dtype = DTYPES[dtype]
-    if spec.kind in VLM_KINDS:  # [vlm] `tokenizer` is the model's processor
+    if name == "mmscale":
+        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
+    elif spec.kind in VLM_KINDS:  # [vlm] `tokenizer` is the model's processor
         from mmscale.export.st_vlm import write_vlm_format
 
         write_vlm_format(name, model, spec, tokenizer, folder, dtype, info.source, matryoshka, prompts)
-    elif name == "mmscale":
-        write_mmscale(model, spec, tokenizer, folder, dtype, info.source)
     elif name == "sentence-transformers" and spec.kind == "reranker":
         from mmscale.export.st import write_cross_encoder
 

@@ -18,7 +18,6 @@ preprocess.json (`config.VlmPreprocess`) and processor/.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from mmscale.export.shapes import Shape
+from mmscale.export.st import _json
 
 TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
 DENSE = "sentence_transformers.base.modules.dense.Dense"
@@ -35,11 +35,6 @@ POOLING = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
 LOGIT_SCORE = "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"
 IDENTITY = "torch.nn.modules.linear.Identity"
 FORWARD = {"method": "forward", "method_output_name": "last_hidden_state"}
-
-
-def _json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def vlm_shape(model: nn.Module) -> Shape:
@@ -65,22 +60,6 @@ def export_processor(model: nn.Module, processor: Any, chat_template: str | None
     if chat_template is not None:
         processor.chat_template = chat_template
     return processor
-
-
-def write_vlm_mmscale(model: nn.Module, spec: Any, processor: Any, out: Path, dtype: str = "fp32",
-                      source: dict[str, Any] | None = None) -> None:
-    """The mmscale format of a VLM: weights, mmscale_config.json, preprocess.json, processor/."""
-    from safetensors.torch import save_model
-
-    from mmscale.models.load import CONFIG_FILE, DTYPES, PREPROCESS_FILE, PROCESSOR_DIR, WEIGHTS_FILE
-
-    weights = copy.deepcopy(model).to(DTYPES[dtype]) if dtype != "fp32" else model
-    save_model(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt", "mmscale_kind": spec.kind})
-    config = {**spec.to_json(), "dtype": dtype, "source": source or {}}
-    config["model"]["vlm"]["processor"] = PROCESSOR_DIR  # relative: the directory may be moved
-    _json(out / CONFIG_FILE, config)
-    _json(out / PREPROCESS_FILE, model.preprocess.to_json())
-    export_processor(model, processor).save_pretrained(str(out / PROCESSOR_DIR))
 
 
 def st_chat_template(model: nn.Module, processor: Any) -> str | None:
@@ -166,12 +145,10 @@ def write_vlm_cross_encoder(model: nn.Module, spec: Any, processor: Any, out: Pa
 
 def write_vlm_format(name: str, model: nn.Module, spec: Any, processor: Any, folder: Path, dtype: str,
                      source: dict[str, Any], matryoshka: list[int] | None, prompts: dict[str, str] | None) -> None:
-    """Write export format `name` (mmscale | sentence-transformers) of a VLM into `folder`."""
+    """Write the sentence-transformers format of a VLM into `folder` (the mmscale format: `export.write_mmscale`)."""
     from mmscale.models.load import DTYPES
 
-    if name == "mmscale":
-        write_vlm_mmscale(model, spec, processor, folder, dtype, source)
-    elif spec.kind == "vlm_reranker":
+    if spec.kind == "vlm_reranker":
         write_vlm_cross_encoder(model, spec, processor, folder, DTYPES[dtype], prompts)
     else:
         write_vlm_sentence_transformers(model, spec, processor, folder, DTYPES[dtype], matryoshka, prompts)
