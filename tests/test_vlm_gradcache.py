@@ -111,7 +111,6 @@ def task_parts(cfg):
 
 def reference_step(root: str, name: str) -> dict:
     """One process, plain torch: all 16 sequences in one padded forward, the dense loss, one backward, one SGD step."""
-    from mmscale.data.vlm import collate_sequences
 
     cfg = case_config(root, name)
     renderer = task_parts(cfg)
@@ -121,13 +120,7 @@ def reference_step(root: str, name: str) -> dict:
         for s in samples()[rank * PER_RANK:(rank + 1) * PER_RANK]:
             seqs.append(renderer.encode("query", [], s["query"]))
             seqs.append(renderer.encode("document", s["images"], s["doc"]))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), renderer.pad_token_id)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    positions = torch.zeros(3, len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)], positions[:, i, :len(s)] = s.input_ids, 1, s.positions
-    images = collate_sequences(seqs)
+    ids, mask, positions, images = tiny_vlm.dense_batch(seqs, renderer.pad_token_id)
     emb = model.encode(ids, mask, positions, images["patches"], images["grids"])
     scale, bias = model.scale_and_bias()
     loss = dense_loss(cfg, emb[1::2], emb[0::2], scale, bias)  # documents in the image role
@@ -260,20 +253,13 @@ def _rerank_rank(rank: int, out_dir: str, root: str) -> None:
 
 def rerank_reference(root: str) -> dict:
     """One process: every pair of the global batch in one padded forward, the same group loss, one backward."""
-    from mmscale.data.vlm import collate_sequences
     from mmscale.train.vlm_rerank import group_loss
 
     cfg = rerank_config(root)
     renderer = task_parts(cfg)
     seqs, mask, scores = rerank_groups(renderer)
     model = new_reranker(cfg).train()
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), renderer.pad_token_id)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    positions = torch.zeros(3, len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], attention[i, :len(s)], positions[:, i, :len(s)] = s.input_ids, 1, s.positions
-    images = collate_sequences(seqs)
+    ids, attention, positions, images = tiny_vlm.dense_batch(seqs, renderer.pad_token_id)
     out = model(ids, attention, positions, images["patches"], images["grids"])["scores"]
     loss, _ = group_loss(out.view(-1, RERANK_G), scores, mask, 20.0, cfg)
     loss.backward()

@@ -182,8 +182,8 @@ def child_st(model_dir: Path, batch: int, mini_batch: int, repeats: int, out: Pa
 def child_dense(model_dir: Path, batch: int, out: Path) -> dict:
     import torch
 
-    from mmscale.data.vlm import collate_sequences
     from tests.test_gradcache import dense_loss
+    from tools import tiny_vlm
 
     cfg, model, _, renderer = build_mmscale(model_dir, 0, batch)
     model.train()
@@ -192,13 +192,7 @@ def child_dense(model_dir: Path, batch: int, out: Path) -> dict:
     for s in samples:
         image = torch.from_numpy(s["image"]).permute(2, 0, 1).contiguous()
         seqs += [renderer.encode("query", [], s["query"]), renderer.encode("document", [image], s["caption"])]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), renderer.pad_token_id)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    positions = torch.zeros(3, len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)], positions[:, i, :len(s)] = s.input_ids, 1, s.positions
-    images = collate_sequences(seqs)
+    ids, mask, positions, images = tiny_vlm.dense_batch(seqs, renderer.pad_token_id)
 
     def step():
         model.zero_grad()

@@ -137,6 +137,24 @@ def make_tiny_vlm(root: str | Path, family: str = "qwen3_vl", seed: int = 0, nam
     return out
 
 
+def dense_batch(seqs: list, pad_token_id: int) -> tuple[Any, Any, Any, dict]:
+    """Rendered sequences as one right-padded batch: ids, attention mask, M-RoPE positions, collated images.
+
+    For the one-process dense references (tests, benchmarks): every sequence in a single forward.
+    """
+    import torch
+
+    from mmscale.data.vlm import collate_sequences
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    positions = torch.zeros(3, len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)], positions[:, i, :len(s)] = s.input_ids, 1, s.positions
+    return ids, mask, positions, collate_sequences(seqs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write tiny models of every (or one) family under --output."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
