@@ -61,6 +61,40 @@ def rerank_run_config(cfg: Config, model_cfg, groups: Path) -> Config:
                                data=data)  # fmt: skip
 
 
+def find_groups(cfg: Config) -> Path:
+    """The group shards of `rerank.mined` (`mmscale mine`'s output or its `groups/`), refused (BadInputError)
+    when missing or when they hold fewer negatives per group than `rerank.group_size - 1`."""
+    key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
+    try:
+        groups = find_group_shards(cfg.rerank.mined or mined_dir(cfg))
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{key}: {exc}") from None
+    mined = json.loads((groups / STATS_NAME).read_text()).get("num_negatives")
+    if isinstance(mined, int) and mined < cfg.rerank.group_size - 1:
+        raise BadInputError(
+            f"rerank.group_size={cfg.rerank.group_size} needs {cfg.rerank.group_size - 1} negatives per group, but "
+            f"{groups} holds at most {mined} (mine.num_negatives): set rerank.group_size={mined + 1} or mine "
+            "more negatives"
+        )
+    return groups
+
+
+def teacher_scale(cfg: Config, groups: Path, fallback: float) -> float:
+    """What the miner's cosines are multiplied by as the distillation teacher's logits: `rerank.teacher_scale`,
+    else the logit scale the miner recorded in its summary.json, else `fallback`."""
+    if cfg.rerank.teacher_scale:
+        return float(cfg.rerank.teacher_scale)
+    summary = groups.parent / SUMMARY_FILE
+    value = json.loads(summary.read_text()).get("logit_scale") if summary.is_file() else None
+    return float(value) if value else float(fallback)
+
+
+def group_mask(negative_mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """[B, G] slots a group's losses keep: the positive, and each negative the group has and the miner scored."""
+    kept = negative_mask.bool() & ~scores[:, 1:].isnan()
+    return torch.cat([torch.ones_like(kept[:, :1]), kept], dim=1)
+
+
 def group_inputs(batch: dict[str, Any], teacher_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A group batch of the streaming loader as (pixels [B, G, ...], mask [B, G], teacher logits [B, G]).
 
@@ -70,10 +104,7 @@ def group_inputs(batch: dict[str, Any], teacher_scale: float) -> tuple[torch.Ten
     row without scores: a plain pair mixed in, which then only has the listwise loss).
     """
     pixels = torch.cat([batch["image"].unsqueeze(1), batch["negatives"]], dim=1)
-    negative_mask = batch["negative_mask"] & ~batch["scores"][:, 1:].isnan()
-    mask = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1)
-    teacher = batch["scores"].float() * teacher_scale
-    return pixels, mask, teacher
+    return pixels, group_mask(batch["negative_mask"], batch["scores"]), batch["scores"].float() * teacher_scale
 
 
 class RerankerStage(Stage):
@@ -89,23 +120,10 @@ class RerankerStage(Stage):
         if not cfg.mine.checkpoint:
             raise BadInputError("mine.checkpoint: set it to the bi-encoder whose towers start the reranker (and that mined)")
         self.user_cfg = cfg
-        try:
-            self.groups = find_group_shards(cfg.rerank.mined or mined_dir(cfg))
-        except FileNotFoundError as exc:
-            key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
-            raise BadInputError(f"{key}: {exc}") from None
-        mined = json.loads((self.groups / STATS_NAME).read_text()).get("num_negatives")
-        if isinstance(mined, int) and mined < cfg.rerank.group_size - 1:
-            raise BadInputError(
-                f"rerank.group_size={cfg.rerank.group_size} needs {cfg.rerank.group_size - 1} negatives per group, but "
-                f"{self.groups} holds at most {mined} (mine.num_negatives): set rerank.group_size={mined + 1} or mine "
-                "more negatives"
-            )
+        self.groups = find_groups(cfg)
         self.bi_encoder, model_cfg = load_bi_encoder(cfg.mine.checkpoint)
-        summary = self.groups.parent / SUMMARY_FILE
-        mined_scale = json.loads(summary.read_text()).get("logit_scale", 0.0) if summary.is_file() else 0.0
         # The teacher's logits: the mining bi-encoder's cosines at its own temperature.
-        self.teacher_scale = float(cfg.rerank.teacher_scale or mined_scale or self.bi_encoder.scale_and_bias()[0])
+        self.teacher_scale = teacher_scale(cfg, self.groups, float(self.bi_encoder.scale_and_bias()[0]))
         super().__init__(rerank_run_config(cfg, model_cfg, self.groups))
         self.results: dict = {}
 

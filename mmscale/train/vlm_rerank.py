@@ -18,7 +18,6 @@ Trainer gives the stage its checkpoints, exact resume and preemption; the run li
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,9 @@ from torch import nn
 
 from mmscale import distributed
 from mmscale.config import Config
-from mmscale.data.writer import STATS_NAME
-from mmscale.errors import BadInputError
 from mmscale.losses.ranking import rerank_loss
-from mmscale.retrieval.groups import find_group_shards
-from mmscale.retrieval.mining import SUMMARY_FILE, mined_dir
 from mmscale.train.loop import Stage, Trainer
-from mmscale.train.rerank import rerank_run_config
+from mmscale.train.rerank import find_groups, group_mask, rerank_run_config, teacher_scale
 from mmscale.train.vlm_step import cached_sequence_step, plain_sequence_step, vlm_codec, vlm_train_loader
 
 log = logging.getLogger(__name__)
@@ -42,32 +37,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TEACHER_SCALE = 20.0  # sentence-transformers' default similarity scale
 
 
-def find_groups(cfg: Config) -> Path:
-    """The group shards of `rerank.mined` (mmscale mine's output or its `groups/`), else a BadInputError."""
-    key = "rerank.mined" if cfg.rerank.mined else "rerank.mined (default OUTPUT_DIR/mined)"
-    try:
-        return find_group_shards(cfg.rerank.mined or mined_dir(cfg))
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{key}: {exc}") from None
-
-
 def vlm_rerank_run_config(cfg: Config, groups: Path) -> Config:
     """The two-tower reranker's run config (`rerank_run_config`: rerank's batch / lr / steps, the group shards as
     data, OUTPUT_DIR/rerank), with the gradient cache as `train.gradcache` says: a group couples its pairs."""
     run_cfg = rerank_run_config(cfg, cfg.model, groups)
     return dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, gradcache=cfg.train.gradcache))
-
-
-def teacher_scale(cfg: Config, groups: Path) -> float:
-    """What the miner's cosines are multiplied by as the distillation teacher's logits.
-
-    `rerank.teacher_scale`, else the logit scale the miner recorded in its summary.json, else 20.
-    """
-    if cfg.rerank.teacher_scale:
-        return float(cfg.rerank.teacher_scale)
-    summary = groups.parent / SUMMARY_FILE
-    value = json.loads(summary.read_text()).get("logit_scale") if summary.is_file() else None
-    return float(value) if value else DEFAULT_TEACHER_SCALE
 
 
 def group_loss(scores: torch.Tensor, batch_scores: torch.Tensor, negative_mask: torch.Tensor, scale: float,
@@ -78,8 +52,7 @@ def group_loss(scores: torch.Tensor, batch_scores: torch.Tensor, negative_mask: 
     group has and the miner scored.
     """
     r = cfg.rerank
-    kept = negative_mask.bool() & ~batch_scores[:, 1:].isnan()
-    mask = torch.cat([torch.ones_like(kept[:, :1]), kept], dim=1)
+    mask = group_mask(negative_mask, batch_scores)
     loss, parts = rerank_loss(scores, batch_scores.float() * scale, mask=mask, listwise_weight=r.listwise_weight,
                               distill_weight=r.distill_weight, temperature=r.distill_temperature)  # fmt: skip
     parts["accuracy"] = (scores.detach().float().masked_fill(~mask, float("-inf")).argmax(1) == 0).float().mean()
@@ -95,12 +68,7 @@ class VlmRerankStage(Stage):
     def __init__(self, cfg: Config) -> None:
         self.user_cfg = cfg
         self.groups = find_groups(cfg)
-        mined = json.loads((self.groups / STATS_NAME).read_text()).get("num_negatives")
-        if isinstance(mined, int) and mined < cfg.rerank.group_size - 1:
-            raise BadInputError(f"rerank.group_size={cfg.rerank.group_size} needs {cfg.rerank.group_size - 1} "
-                                f"negatives per group, but {self.groups} holds at most {mined}: set "
-                                f"rerank.group_size={mined + 1} or mine more negatives")
-        self.teacher_scale = teacher_scale(cfg, self.groups)
+        self.teacher_scale = teacher_scale(cfg, self.groups, DEFAULT_TEACHER_SCALE)
         super().__init__(vlm_rerank_run_config(cfg, self.groups))
 
     def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
