@@ -33,13 +33,14 @@ import logging
 import math
 import os
 import struct
-import time
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mmscale import distributed
 from mmscale.data.decode import BadSample, caption, parse_image_keys
@@ -94,8 +95,11 @@ def write_group_shards(
         counts = [int(c) for c in distributed.all_gather_object(len(complete))]
         first_shard = sum(math.ceil(c / groups_per_shard) for c in counts[:rank])
         writer = ShardWriter(out, groups_per_shard, first_shard=first_shard)
-        progress = _Progress(len(complete), rank, "rescored" if rescore else "written")
-        with writer, open(scratch, "rb") as images:
+        # Rank 0's bar, as encoding shows one (retrieval/encode.py): rescoring a corpus takes a while.
+        interactive = sys.stderr.isatty()
+        progress = tqdm(total=len(complete), desc="rescore groups" if rescore else "write groups", unit="group",
+                        disable=rank != 0, dynamic_ncols=interactive, mininterval=0.5 if interactive else 30.0)
+        with writer, open(scratch, "rb") as images, progress:
             for i in complete:
                 g, record = groups[i], records[i]
                 files = {"txt": record["query"].encode("utf-8")}
@@ -109,7 +113,7 @@ def write_group_shards(
                     record["reranker_scores"] = meta["reranker_scores"] = [
                         float(v) for v in rescore(record["query"], [data for _, data in members])]  # fmt: skip
                 writer.write(files, meta)
-                progress.step()
+                progress.update()
     finally:
         scratch.unlink(missing_ok=True)  # our own scratch file
     shards = [s for part in distributed.all_gather_object(writer.shards) for s in part]
@@ -132,20 +136,6 @@ def write_group_shards(
     if missing:
         log.warning("rank %d: %d groups not written: an image could not be read back from the shards", rank, missing)
     return distributed.broadcast_object(stats)
-
-
-class _Progress:
-    """A log line at every tenth of a rank's groups (rank 0), with the rate: rescoring a corpus takes a while."""
-
-    def __init__(self, total: int, rank: int, verb: str) -> None:
-        self.total, self.rank, self.verb, self.done = total, rank, verb, 0
-        self.start, self.every = time.perf_counter(), max(1, total // 10)
-
-    def step(self) -> None:
-        self.done += 1
-        if self.rank == 0 and (self.done % self.every == 0 or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            log.info("rank 0: %d/%d groups %s (%.1f/s)", self.done, self.total, self.verb, rate)
 
 
 def _read(f, entry: tuple[int, int, str]) -> tuple[str, bytes]:
