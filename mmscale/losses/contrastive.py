@@ -61,20 +61,17 @@ def blockwise(base: Callable[..., torch.Tensor], block_rows: int, image_local, t
 
 
 def group_distillation(text_emb: torch.Tensor, image_emb: torch.Tensor, negative_emb: torch.Tensor,
-                       negative_mask: torch.Tensor, teacher_scores: torch.Tensor, logit_scale: torch.Tensor,
-                       temperature: float, rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                       keep: torch.Tensor, teacher_scores: torch.Tensor, logit_scale: torch.Tensor,
+                       temperature: float, share: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """This rank's share of the mean over the global batch's groups of T^2 KL(teacher || student) (see module doc).
 
-    `rows` is the number of groups with teacher scores over all ranks: each rank returns
-    W x (its groups' sum) / rows, so DeepSpeed's mean of the ranks' gradients is the gradient of
-    the global mean whatever share of the groups each rank holds.
+    `keep` [n, 1 + K] are the group's real slots. `share` is W x (this rank's groups with teacher
+    scores) / (all ranks' such groups): the local mean times it makes DeepSpeed's mean of the ranks'
+    gradients the gradient of the global mean, whatever share of the groups each rank holds.
     """
     student = logit_scale * torch.cat([(text_emb * image_emb).sum(-1, keepdim=True),
                                        torch.einsum("nd,nkd->nk", text_emb, negative_emb)], dim=1)  # fmt: skip
-    keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1).bool()
-    local = (teacher_scores.isfinite() | ~keep).all(1).sum()
-    mean = distillation_loss(student, teacher_scores, temperature, mask=keep)
-    return mean * local * world()[1] / rows.clamp(min=1)
+    return distillation_loss(student, teacher_scores, temperature, mask=keep) * share
 
 
 class ContrastiveLoss:
@@ -144,8 +141,10 @@ class ContrastiveLoss:
                 raise ValueError("loss.distill_weight needs the groups' teacher_scores (data.hard_negatives batches)")
             teacher_scores = teacher_scores.float()
             keep = torch.cat([torch.ones_like(negative_mask[:, :1]), negative_mask], dim=1).bool()
-            # Groups with a teacher over all ranks (one small collective, on the device: no host read).
-            distill_rows = all_reduce_tensor((teacher_scores.isfinite() | ~keep).all(1).sum().float())
+            # Groups with a teacher here and over all ranks (one small collective, on the device: no host read).
+            local_rows = (teacher_scores.isfinite() | ~keep).all(1).sum().float()
+            all_rows = all_reduce_tensor(local_rows.clone())
+            share = local_rows * world()[1] / all_rows.clamp(min=1)
 
         name = "text_pairs" if pairs else self.kind
         weight_all = self.text_pair_weight if pairs else 1.0
@@ -169,8 +168,8 @@ class ContrastiveLoss:
             components[f"loss_{name}{suffix}"] = loss.detach()
             if distill:
                 kd = group_distillation(matryoshka_prefix(text_emb, dim), matryoshka_prefix(image_emb, dim),
-                                        matryoshka_prefix(negative_emb.float(), dim), negative_mask, teacher_scores,
-                                        logit_scale, self.distill_temperature, distill_rows)  # fmt: skip
+                                        matryoshka_prefix(negative_emb.float(), dim), keep, teacher_scores,
+                                        logit_scale, self.distill_temperature, share)  # fmt: skip
                 total = total + weight * self.distill_weight * kd
                 components[f"loss_distill{suffix}"] = kd.detach()
         total = weight_all * total
