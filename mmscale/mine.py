@@ -61,6 +61,11 @@ def run_mine(cfg) -> int:
     checkpoint = resolve_trained(m.checkpoint)
     model, model_cfg = load_bi_encoder(checkpoint["path"])
     model.to(device)
+    # The rescoring reranker is loaded before any encoding: a wrong path or model fails in seconds.
+    rescore, rescored_with = None, None
+    if m.rescore_with:
+        rescored_with = resolve_trained(m.rescore_with)
+        rescore = reranker_scorer(m.rescore_with, device, cfg.data.max_pixels)
     urls = m.data or cfg.data.train
     loader = build_eval_loader(
         urls, batch_size=cfg.eval.batch_size, rank=rank, world_size=world, preprocess=model.preprocess,
@@ -95,10 +100,7 @@ def run_mine(cfg) -> int:
         settings={k: v for k, v in asdict(m).items() if k not in ("checkpoint", "output")},
     )
     if m.groups_per_shard:
-        rescore, rescored_with = None, None
-        if m.rescore_with:
-            rescored_with = resolve_trained(m.rescore_with)
-            rescore = reranker_scorer(m.rescore_with, device, cfg.data.max_pixels)
+        if rescored_with:
             summary["rescored_with"] = rescored_with
         stats = write_group_shards(
             out / GROUPS_DIR, groups, records, corpus, urls, image_keys=cfg.data.image_keys,
