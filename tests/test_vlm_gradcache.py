@@ -180,6 +180,10 @@ def _rank_worker(rank: int, port: int, out_dir: str, root: str) -> None:
                         "plans": plans}, Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
     _rerank_rank(rank, out_dir, root)
+    # gloo aborts a process whose peer tore the group down first ("terminate called without an
+    # active exception", SIGABRT under load): leave together.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- the cross-encoder
