@@ -140,6 +140,20 @@ def peak_rss_since_reset_mb() -> float:
     return float("nan")
 
 
+def release_free_memory() -> None:
+    """Hand memory the process freed back to the OS (glibc `malloc_trim`), so the RSS a measurement starts
+    from is what is live: otherwise free pages a warm-up left behind are reused unseen and a step's peak
+    above its start depends on how much the allocator happened to keep."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim, the figures are then as measured
+        pass
+
+
 def reset_peak_rss() -> None:
     """Start VmHWM afresh from the current RSS (Linux: `5` to /proc/self/clear_refs)."""
     Path("/proc/self/clear_refs").write_text("5")

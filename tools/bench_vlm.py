@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.bench_gradcache import peak_rss_since_reset_mb, reset_peak_rss, rss_mb  # noqa: E402
+from tools.bench_gradcache import peak_rss_since_reset_mb, release_free_memory, reset_peak_rss, rss_mb  # noqa: E402
 
 SCALE = 20.0
 PROMPT = "Find the picture that matches the description."
@@ -209,6 +209,7 @@ def _timed(step, repeats: int, grads, out: Path, extra: dict | None = None, pref
     import torch
 
     step()  # warm-up: allocator pools, lazy initialisation
+    release_free_memory()  # both processes start the timed steps from their live memory
     before = rss_mb()
     reset_peak_rss()
     times = []
@@ -249,6 +250,7 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     warm = rank_batch(renderer, batch_samples(8, seed=1)[rank * 4:(rank + 1) * 4])
     vlm_gradcache_step(engine, warm, loss_fn, **kwargs)  # warm-up on a small batch: engine buffers, allocator
     engine.step()
+    release_free_memory()
     before = rss_mb()
     reset_peak_rss()
     start = time.perf_counter()
@@ -257,6 +259,9 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     record = {"rank": rank, "batch": batch, "rss_before_mb": before, "peak_rss_mb": peak_rss_since_reset_mb(),
               "step_s": time.perf_counter() - start, "chunks": result["chunks"], "loss": float(result["loss"])}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    # Leave together: a rank that exits while its peer is still in a collective makes gloo abort the peer.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run_zero3(model_dir: Path, sizes: list[int], chunk_tokens: int) -> list[dict]:

@@ -16,7 +16,7 @@ gradient cache cuts the bag by tokens, not by samples:
                 forwards; a chunk without an image on a rank whose peers have one carries a dummy
                 one-merged-patch image. Dummy rows enter the backward with a zero gradient, so they
                 run the same modules and add exactly nothing.
-  pass 1        embeddings chunk by chunk without a graph (the last chunk's graph is kept), RNG saved
+  pass 1        embeddings chunk by chunk without a graph (chunk 0, the longest, keeps its graph), RNG saved
   loss          on the gathered global batch in fp32, backward to the embeddings and the temperature
   pass 2        each chunk re-encoded under its RNG state, backward of sum(emb . cached_grad), inside
                 `gradcache.chunk_reduction` (coalesced or per-chunk reduction, fp32 sums under bf16)
@@ -114,15 +114,21 @@ def cached_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, 
     chunks = VlmChunks(batch, plan, device, pad_token_id, image_token_id, merge_size)
     tokens = int(sum(chunks.lens))
 
-    # Pass 1: no graph except for the last chunk, whose backward then runs first in pass 2.
-    last = len(chunks) - 1
-    rng_states, parts = [], []
+    # Pass 1: no graph except for chunk 0's, encoded last and back-propagated first in pass 2. Chunk 0
+    # holds the longest sequences (the plan is longest first: pictures, the vision tower's work), so the
+    # forward this saves is the dearest; pass 2 holds each chunk's graph in turn anyway, so the peak stays.
+    # The order is by chunk index, the same on every rank (the agreed vision flags are per index).
+    n_chunks = len(chunks)
+    rng_states: list[Any] = [None] * n_chunks
+    parts: list[Any] = [None] * n_chunks
     kept: dict[str, Any] = {}
-    for i in range(len(chunks)):
-        rng_states.append(get_rng_state())
-        with torch.set_grad_enabled(i == last):
-            kept = engine(**chunks[i])
-        parts.append(_rows(kept, output)[: chunks.real(i)].detach())
+    for i in [*range(1, n_chunks), 0]:
+        rng_states[i] = get_rng_state()
+        with torch.set_grad_enabled(i == 0):
+            out = engine(**chunks[i])
+        parts[i] = _rows(out, output)[: chunks.real(i)].detach()
+        kept = out if i == 0 else kept
+        out = None
     rng_after = get_rng_state()
 
     rows = torch.cat(parts).index_select(0, _batch_order(plan, len(chunks.lens), device)).float().requires_grad_(True)
@@ -142,10 +148,11 @@ def cached_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, 
             g[: len(own)] = rows_grad.index_select(0, torch.tensor(own, device=device))
         return g
 
-    with chunk_reduction(engine, len(chunks), grad_reduction) as chunk_context:
-        for position, i in enumerate([last, *range(last)]):
+    last = n_chunks - 1
+    with chunk_reduction(engine, n_chunks, grad_reduction) as chunk_context:
+        for position, i in enumerate(range(n_chunks)):
             with chunk_context(position):
-                if i != last:
+                if i != 0:
                     set_rng_state(rng_states[i])
                     out = engine(**chunks[i])
                 else:
