@@ -62,8 +62,12 @@ def _launch_script(overrides: list[str], ranks: int = 2) -> subprocess.Popen:
     """`launch/train.sh` in a session of its own, as a terminal's foreground job: killpg(pid) is Ctrl-C."""
     env = {**_env(), "NUM_GPUS": str(ranks), "MASTER_PORT": str(free_port()), "PYTHON": sys.executable}
     env.pop("DEEPSPEED", None)  # the script's own choice: the launcher of the python it runs
+    # A foreground job gets SIGINT at its default disposition. pytest itself may have it ignored (a suite
+    # started in the background: `make test &`), and bash cannot trap a signal ignored on entry, so the
+    # script would never see the Ctrl-C.
     return subprocess.Popen(["bash", str(ROOT / "launch" / "train.sh"), str(TINY), *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _wait_for_steps(proc: subprocess.Popen, output: Path, steps: int, timeout: float = 240) -> None:
