@@ -329,10 +329,17 @@ def _remove_cpu_comm_buffers() -> None:
                 pass
 
 
-def destroy() -> None:
-    """Leave the process group (not a collective; on the CPU backend, call it on every rank at the end)."""
+def destroy(together: bool = False) -> None:
+    """Leave the process group (not a collective; on the CPU backend, call it on every rank at the end).
+
+    together=True: a barrier first, for the end of a run every rank reaches. gloo aborts a process
+    (SIGABRT, "terminate called without an active exception") whose peer tore the group down while
+    it was still finishing a collective.
+    """
     global _info
     if is_initialized():
+        if together:
+            barrier()
         cpu = comm_device().type == "cpu"
         dist.destroy_process_group()
         if cpu and int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -67,7 +67,7 @@ def measure_rank(rank: int, world: int, port: int, ds: str, out: str) -> None:
     all_results = distributed.all_gather_object(results)
     if rank == 0:
         Path(out).write_text(json.dumps(all_results))
-    distributed.destroy()
+    distributed.destroy(together=True)
 
 
 @pytest.fixture(scope="module")

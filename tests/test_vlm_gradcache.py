@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmscale import distributed
 from mmscale.config import load_config
 from mmscale.distributed import free_port
 from tests.test_gradcache import assert_matches_reference, dense_loss
@@ -180,10 +181,7 @@ def _rank_worker(rank: int, port: int, out_dir: str, root: str) -> None:
                         "plans": plans}, Path(out_dir) / f"{name}.pt")
         engine.destroy() if hasattr(engine, "destroy") else None
     _rerank_rank(rank, out_dir, root)
-    # gloo aborts a process whose peer tore the group down first ("terminate called without an
-    # active exception", SIGABRT under load): leave together.
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.destroy(together=True)  # gloo aborts a rank whose peer tore the group down first
 
 
 # --------------------------------------------------------------------------- the cross-encoder

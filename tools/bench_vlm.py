@@ -234,6 +234,7 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     torch.set_num_threads(1)
     import deepspeed
 
+    from mmscale import distributed
     from mmscale.losses import build_loss
     from mmscale.train.engine import build_engine
     from mmscale.train.vlm_step import vlm_gradcache_step
@@ -259,9 +260,7 @@ def zero3_rank(rank: int, port: int, model_dir: str, batch: int, chunk_tokens: i
     record = {"rank": rank, "batch": batch, "rss_before_mb": before, "peak_rss_mb": peak_rss_since_reset_mb(),
               "step_s": time.perf_counter() - start, "chunks": result["chunks"], "loss": float(result["loss"])}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
-    # Leave together: a rank that exits while its peer is still in a collective makes gloo abort the peer.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    distributed.destroy(together=True)
 
 
 def run_zero3(model_dir: Path, sizes: list[int], chunk_tokens: int) -> list[dict]:
