@@ -112,7 +112,6 @@ def task_parts(cfg):
 
 def reference_step(root: str, name: str) -> dict:
     """One process, plain torch: all 16 sequences in one padded forward, the dense loss, one backward, one SGD step."""
-
     cfg = case_config(root, name)
     renderer = task_parts(cfg)
     model = new_model(cfg).train()

@@ -116,19 +116,18 @@ def cached_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, 
 
     # Pass 1: no graph except for chunk 0's, encoded last and back-propagated first in pass 2. Chunk 0
     # holds the longest sequences (the plan is longest first: pictures, the vision tower's work), so the
-    # forward this saves is the dearest; pass 2 holds each chunk's graph in turn anyway, so the peak stays.
-    # The order is by chunk index, the same on every rank (the agreed vision flags are per index).
+    # forward this saves is the dearest; its graph lives through the rest of pass 1, which costs some
+    # peak (tools/bench_vlm.py: 30-80 MB on 460). The order is by chunk index, the same on every rank
+    # (the agreed vision flags are per index).
     n_chunks = len(chunks)
     rng_states: list[Any] = [None] * n_chunks
     parts: list[Any] = [None] * n_chunks
     kept: dict[str, Any] = {}
-    for i in [*range(1, n_chunks), 0]:
+    for i in [*range(1, n_chunks), 0]:  # chunk 0 last: `kept` ends as its output, with its graph
         rng_states[i] = get_rng_state()
         with torch.set_grad_enabled(i == 0):
-            out = engine(**chunks[i])
-        parts[i] = _rows(out, output)[: chunks.real(i)].detach()
-        kept = out if i == 0 else kept
-        out = None
+            kept = engine(**chunks[i])
+        parts[i] = _rows(kept, output)[: chunks.real(i)].detach()
     rng_after = get_rng_state()
 
     rows = torch.cat(parts).index_select(0, _batch_order(plan, len(chunks.lens), device)).float().requires_grad_(True)
@@ -150,8 +149,8 @@ def cached_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, 
 
     last = n_chunks - 1
     with chunk_reduction(engine, n_chunks, grad_reduction) as chunk_context:
-        for position, i in enumerate(range(n_chunks)):
-            with chunk_context(position):
+        for i in range(n_chunks):
+            with chunk_context(i):
                 if i != 0:
                     set_rng_state(rng_states[i])
                     out = engine(**chunks[i])
@@ -160,7 +159,7 @@ def cached_sequence_step(engine, batch: dict[str, Any], rows_loss: RowsLoss, *, 
                 values = _rows(out, output).float()
                 # Dummy rows take part with a zero gradient: same modules in backward on every rank.
                 surrogate = (values * chunk_grad(i, values.shape[0])).sum()
-                if position == last:
+                if i == last:
                     for name, g in scalar_grads:
                         surrogate = surrogate + (out[name].float() * g).sum()
                 engine.backward(surrogate, scale_wrt_gas=False)
