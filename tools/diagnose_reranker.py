@@ -99,19 +99,22 @@ def mine(split: dict[str, Any], selection: dict[str, Any], num_negatives: int, s
     return index, mask
 
 
-def train_fusion(bi, cfg, train: dict[str, Any], index: torch.Tensor, mask: torch.Tensor, scale: float,
+def train_fusion(bi, run_cfg, train: dict[str, Any], index: torch.Tensor, mask: torch.Tensor, scale: float,
                  device, seed: int) -> tuple[Any, float]:  # fmt: skip
-    """A fresh reranker's fusion trained on the cached states: (reranker, training accuracy of the last 20%)."""
+    """A fresh reranker's fusion trained on the cached states: (reranker, training accuracy of the last 20%).
+
+    `run_cfg` is the config the reranker stage trains under (`train.rerank.rerank_run_config`): its
+    optimizer, schedule and gradient clipping are `mmscale rerank`'s own.
+    """
     from mmscale.losses.ranking import rerank_loss
     from mmscale.models.reranker import build_reranker
-    from mmscale.train.engine import warmup_cosine
+    from mmscale.train.engine import build_optimizer, build_scheduler
 
-    r = cfg.rerank
+    r, clip = run_cfg.rerank, run_cfg.train.grad_clip
     torch.manual_seed(seed)
     reranker = build_reranker(bi, r).to(device).train()
-    params = [p for p in reranker.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=cfg.train.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(r.warmup_steps, r.steps, 0.0))
+    optimizer = build_optimizer(run_cfg, reranker)
+    schedule = build_scheduler(run_cfg, optimizer)
     enc, g = train["enc"], torch.Generator().manual_seed(seed)
     keep = mask[:, 1:].any(1).nonzero().squeeze(1)  # queries with at least one negative
     order, at, hits = keep[torch.randperm(len(keep), generator=g)], 0, []
@@ -130,6 +133,8 @@ def train_fusion(bi, cfg, train: dict[str, Any], index: torch.Tensor, mask: torc
                               distill_weight=r.distill_weight, temperature=r.distill_temperature)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in reranker.parameters() if p.requires_grad], clip)
         optimizer.step()
         schedule.step()
         if step >= 0.8 * r.steps:
@@ -171,6 +176,7 @@ def main() -> None:
     from mmscale.models import load_tokenizer
     from mmscale.models.reranker import build_reranker
     from mmscale.retrieval.rerank_eval import candidates_needed, rerank_metrics, text_to_image
+    from mmscale.train.rerank import rerank_run_config
     from tools.bench_icons import _machine
 
     device = torch.device(args.device)
@@ -195,11 +201,12 @@ def main() -> None:
                               "rerank": dataclasses.asdict(cfg.rerank), "rows": {}}  # fmt: skip
     rows = report["rows"]
     rows["bi-encoder"] = t2i_metrics(venc.text_emb, venc.image_emb, vcorpus)
+    run_cfg = rerank_run_config(cfg, model_cfg, Path(args.train))
     ranking, found = text_to_image(venc, vcorpus, candidates_needed(cfg.rerank.top_k, cfg.eval.ks, len(venc)))
     for name in args.selections.split(","):
         start = time.perf_counter()
         index, mask = mine(train, SELECTIONS[name], cfg.rerank.group_size - 1, args.seed)
-        reranker, accuracy = train_fusion(bi, cfg, train, index, mask, scale, device, args.seed)
+        reranker, accuracy = train_fusion(bi, run_cfg, train, index, mask, scale, device, args.seed)
         got = rerank_metrics(reranker, venc, vcorpus, ranking, found, tokenizer=tokenizer,
                              max_length=model_cfg.text.max_length, top_k=cfg.rerank.top_k, ks=(1, 5, 10),
                              device=device)  # fmt: skip
