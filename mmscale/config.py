@@ -317,7 +317,7 @@ class RerankConfig:
     fusion_layers: int = 2  # joint-attention transformer layers
     fusion_heads: int = 4  # attention heads per fusion layer
     fusion_dim: int = 256  # width of the fusion transformer
-    freeze_towers: bool = True  # train only the fusion on the bi-encoder's frozen towers (fast; keeps its prior)
+    freeze_towers: bool = True  # train only the fusion on the bi-encoder's frozen towers (fast; keeps its prior); false: the towers train too, except one the bi-encoder locked
     listwise_weight: float = 1.0  # weight of the listwise softmax cross-entropy
     distill_weight: float = 1.0  # weight of the KL distillation from the bi-encoder's scores
     distill_temperature: float = 1.0  # softmax temperature of the distillation

@@ -1,5 +1,7 @@
 """The multimodal cross-encoder: shapes, padding, groups, initialisation from the bi-encoder, learning."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,3 +117,23 @@ def test_frozen_towers_train_only_the_fusion_and_keep_the_prior():
     assert losses[-1] < 0.5 * losses[0]  # the fusion alone learns the groups
     assert all(p.grad is None for p in tower_params)
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, tower_params))
+
+
+def test_towers_that_do_not_train_stay_in_eval_so_the_prior_is_the_bi_encoders_score():
+    # The tiny BERT has dropout 0.1: a frozen tower in train mode would give a noisy prior in training
+    # that evaluation never sees. Frozen here, or locked in the bi-encoder (LiT): eval, as there.
+    torch.manual_seed(0)
+    cfg = RerankConfig(fusion_dim=32, fusion_heads=2, fusion_layers=1)
+    frozen = build_reranker(build_dual_encoder(TINY), cfg).train()
+    assert frozen.training and not frozen.visual.training and not frozen.text.training
+    pixels, ids, mask = _batch(b=2, g=3)
+    with torch.no_grad():
+        in_training = frozen(pixels, ids, mask)
+        assert torch.equal(in_training, frozen(pixels, ids, mask))  # no dropout drawn
+        assert torch.equal(in_training, frozen.eval()(pixels, ids, mask))
+
+    locked_text = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, locked=True))
+    unfrozen = build_reranker(build_dual_encoder(locked_text), dataclasses.replace(cfg, freeze_towers=False)).train()
+    assert unfrozen.visual.training and not unfrozen.text.training
+    assert not any(p.requires_grad for p in unfrozen.text.parameters())
+    assert all(p.requires_grad for p in unfrozen.visual.parameters())
