@@ -21,6 +21,7 @@ import pytest
 from mmscale.config import load_config
 from mmscale.distributed import free_port
 from mmscale.plan import Cluster, parse_memory, plan_config
+from tests.workers import leave
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "launch" / "configs" / "tiny.yaml"
@@ -67,7 +68,7 @@ def measure_rank(rank: int, world: int, port: int, ds: str, out: str) -> None:
     all_results = distributed.all_gather_object(results)
     if rank == 0:
         Path(out).write_text(json.dumps(all_results))
-    distributed.destroy(together=True)
+    leave()
 
 
 @pytest.fixture(scope="module")
