@@ -55,10 +55,6 @@ class MultimodalReranker(nn.Module):
             for module in (visual, text, self.bi_visual_proj, self.bi_text_proj):
                 if module is not None:
                     module.requires_grad_(False)
-        # A tower that does not train (frozen here, or locked in the bi-encoder) stays in eval mode, as the
-        # bi-encoder keeps a locked tower: its dropout never fires, so the prior is the bi-encoder's score.
-        self.still_visual, self.still_text = (freeze_towers or not any(p.requires_grad for p in tower.parameters())
-                                              for tower in (visual, text))  # fmt: skip
         self.visual_proj = nn.Sequential(nn.Linear(vision_width(visual), fusion_dim), nn.LayerNorm(fusion_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_width(text), fusion_dim), nn.LayerNorm(fusion_dim))
         self.type_embed = nn.Embedding(2, fusion_dim)
@@ -74,10 +70,12 @@ class MultimodalReranker(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def train(self, mode: bool = True) -> MultimodalReranker:
-        """Switch train/eval mode; a tower that does not train stays in eval."""
+        """Switch train/eval mode. A tower that does not train (frozen here, or locked in the bi-encoder)
+        stays in eval, as the bi-encoder keeps a locked tower: its dropout never fires, so the prior is
+        the bi-encoder's score."""
         super().train(mode)
-        for tower, still in ((self.visual, self.still_visual), (self.text, self.still_text)):
-            if still:
+        for tower in (self.visual, self.text):
+            if not any(p.requires_grad for p in tower.parameters()):
                 tower.eval()
         return self
 
