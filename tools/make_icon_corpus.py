@@ -85,7 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,7 +401,11 @@ def parse_colour(text: str) -> tuple[int, int, int]:
 def render_icon(path: Path, image_size: int, background: tuple[int, int, int]) -> Image.Image:
     """The icon on an opaque ``background``, padded to a square and resized to ``image_size`` (RGB)."""
     with Image.open(path) as src:
-        rgba = src.convert("RGBA")
+        return flatten_square(src.convert("RGBA"), image_size, background)
+
+
+def flatten_square(rgba: Image.Image, image_size: int, background: tuple[int, int, int]) -> Image.Image:
+    """An RGBA picture on an opaque ``background``, centred in a square, resized to ``image_size`` (Lanczos)."""
     side = max(rgba.size)
     canvas = Image.new("RGBA", (side, side), (*background, 255))
     canvas.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
@@ -563,25 +567,29 @@ def _meta(s: Sample, image_size: int) -> dict[str, Any]:
 
 
 def write_corpus(
-    samples: Sequence[Sample],
+    samples: Sequence[Any],
     output: Path,
     *,
     samples_per_shard: int,
     seed: int,
-    image_size: int,
+    meta: Callable[[Any], dict[str, Any]],
     extra: dict[str, Any],
+    order: str = "icons",
 ) -> dict[str, dict[str, Any]]:
-    """Write ``output/train`` and ``output/val`` in a seeded random order; return their stats."""
+    """Write ``output/train`` and ``output/val`` in a seeded random order; return their stats.
+
+    A sample has ``png`` (bytes), ``caption`` and ``split``; ``meta(sample)`` is its ``.json``
+    sidecar; ``order`` names the corpus in the shuffle's seed."""
     stats: dict[str, dict[str, Any]] = {}
     offset = 0
     for split in ("train", "val"):
         part = [s for s in samples if s.split == split]
-        random.Random(f"icons:{seed}:{split}").shuffle(part)
+        random.Random(f"{order}:{seed}:{split}").shuffle(part)
         out = output / split
         prepare_output(out, overwrite=True)  # the caller has checked OUT is empty or --overwrite was given
         with ShardWriter(out, samples_per_shard, key_shard_offset=offset) as writer:
             for s in part:
-                writer.write({"png": s.png, "txt": s.caption.encode("utf-8")}, _meta(s, image_size))
+                writer.write({"png": s.png, "txt": s.caption.encode("utf-8")}, meta(s))
         stats[split] = write_stats(out, writer.shards, [], {**extra, "split": split})
         offset += len(writer.shards)
     return stats
@@ -646,7 +654,7 @@ def make_icon_corpus(
     output.mkdir(parents=True, exist_ok=True)
     extra = {"created_by": "make_icon_corpus", "config": config, "themes": sources}
     stats = write_corpus(samples, output, samples_per_shard=samples_per_shard, seed=seed,
-                         image_size=image_size, extra=extra)  # fmt: skip
+                         meta=lambda s: _meta(s, image_size), extra=extra)  # fmt: skip
     summary = {
         **extra,
         "counts": _counts(samples, files_per_theme),
@@ -723,8 +731,8 @@ def download_packages(packages: Sequence[str], dest: Path) -> list[Path]:
     return debs
 
 
-def extract_theme(deb: Path, dest: Path) -> Theme:
-    """Unpack a .deb and return its icon theme: the folder under usr/share/icons with the most PNGs."""
+def unpack_deb(deb: Path, dest: Path) -> tuple[str, str, Path]:
+    """``dpkg-deb -x`` a package into ``dest/PACKAGE``; return (package, version, that folder)."""
     fields = _run(["dpkg-deb", "-f", str(deb), "Package", "Version"])
     if fields.returncode != 0:
         raise IconCorpusError(f"{deb} is not a readable .deb: {_tail(fields)}")
@@ -735,6 +743,12 @@ def extract_theme(deb: Path, dest: Path) -> Theme:
     proc = _run(["dpkg-deb", "-x", str(deb), str(target)])
     if proc.returncode != 0:
         raise IconCorpusError(f"dpkg-deb -x {deb} failed: {_tail(proc)}")
+    return package, version, target
+
+
+def extract_theme(deb: Path, dest: Path) -> Theme:
+    """Unpack a .deb and return its icon theme: the folder under usr/share/icons with the most PNGs."""
+    package, version, target = unpack_deb(deb, dest)
     icons = target / "usr" / "share" / "icons"
     roots = sorted(p for p in icons.iterdir() if p.is_dir()) if icons.is_dir() else []
     counted = [(sum(1 for _ in r.rglob("*.png")), r) for r in roots]
