@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from mmscale.config import ImagePreprocess
 from mmscale.data import build_eval_loader
+from tests.test_icon_corpus import read_split
 from tools.make_emoji_corpus import EmojiCorpusError, main, make_emoji_corpus, parse_emoji_test
 from tools.make_icon_corpus import split_of
 
@@ -57,16 +57,6 @@ def emoji_test(tmp_path):
     path = tmp_path / "emoji-test.txt"
     path.write_text(LIST, encoding="utf-8")
     return path
-
-
-def read_split(folder: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def test_parse_keeps_fully_qualified_and_components_with_their_group(emoji_test):

@@ -1,6 +1,7 @@
-"""The second stage on the icon corpus: hard-negative and distilled bi-encoder rounds, and the reranker.
+"""The second stage on a real corpus: hard-negative and distilled bi-encoder rounds, and the reranker.
 
     python tools/bench_hardneg.py --corpus runs/icons/corpus --output runs/icons/hardneg-bench
+    python tools/bench_hardneg.py --corpus runs/emoji/corpus --output runs/emoji/second-stage   # make_emoji_corpus.py
     python tools/bench_hardneg.py ... --reuse round1=runs/icons/biencoder --reuse mine=runs/icons/mined
     python tools/bench_hardneg.py --corpus runs/demo/data --first-config launch/configs/demo.yaml \
         --second-config launch/configs/demo-hardneg.yaml --reuse round1=runs/demo/biencoder \
@@ -252,7 +253,7 @@ def run_memory() -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--corpus", default="runs/icons/corpus", help="output of make_icon_corpus.py (default %(default)s)")
+    p.add_argument("--corpus", default="runs/icons/corpus", help="output of make_icon_corpus.py or make_emoji_corpus.py (default %(default)s)")
     p.add_argument("--output", default="runs/icons/hardneg-bench", help="a new or empty directory (default %(default)s)")
     p.add_argument("--first-config", default=str(REPO / "launch" / "configs" / "icons.yaml"),
                    help="config of round 1, mining and the reranker (default %(default)s)")

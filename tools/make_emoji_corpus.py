@@ -67,6 +67,7 @@ from tools.make_icon_corpus import (  # noqa: E402
     CORPUS_NAME,
     IconCorpusError,
     check_output,
+    closing_lines,
     download_packages,
     flatten_square,
     parse_colour,
@@ -272,13 +273,8 @@ def _lines(summary: dict[str, Any], output: Path) -> str:
         f"train: {c['train']} emoji -> {output / 'train'}",
         f"val:   {c['val']} emoji -> {output / 'val'}",
         "by group: " + ", ".join(f"{g} {v['train']}+{v['val']}" for g, v in c["by_group"].items()),
-        f"left out: {summary['num_dropped']} of {c['listed']} ("
-        + ", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items())
-        + f"), listed in {output / CORPUS_NAME}",
     ]
-    if "seconds" in summary:
-        lines.append(f"done in {summary['seconds']:.1f}s")
-    return "\n".join(lines)
+    return "\n".join([*lines, *closing_lines(summary, output, c["listed"])])
 
 
 def main(argv: list[str] | None = None) -> int:

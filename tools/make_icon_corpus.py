@@ -772,13 +772,18 @@ def _sample_lines(summary: dict[str, Any], output: Path) -> str:
         "by theme: " + ", ".join(f"{t} {v['train']}+{v['val']}" for t, v in c["by_theme"].items()),
         "by context: " + ", ".join(f"{k} {v}" for k, v in c["by_context"].items()),
         "source sizes (px): " + ", ".join(f"{k}: {v}" for k, v in c["source_sizes"].items()),
-        f"left out: {summary['num_dropped']} ("
-        + ", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items())
-        + f"), listed in {output / CORPUS_NAME}",
     ]
+    return "\n".join([*lines, *closing_lines(summary, output)])
+
+
+def closing_lines(summary: dict[str, Any], output: Path, listed: int | None = None) -> list[str]:
+    """What was left out and why (of ``listed`` when given), and the time taken: a corpus tool's last lines."""
+    of = f" of {listed}" if listed is not None else ""
+    reasons = ", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items())
+    lines = [f"left out: {summary['num_dropped']}{of} ({reasons}), listed in {output / CORPUS_NAME}"]
     if "seconds" in summary:
         lines.append(f"done in {summary['seconds']:.1f}s")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
