@@ -66,6 +66,7 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
 from tools.make_icon_corpus import (  # noqa: E402
     CORPUS_NAME,
     IconCorpusError,
+    add_corpus_options,
     check_output,
     closing_lines,
     download_packages,
@@ -284,13 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="directory; gets train/, val/ and corpus.json")
     p.add_argument("--font", type=Path, help=f"a colour emoji font already on disk (default: /{FONT_PATH} of the package)")
     p.add_argument("--emoji-test", type=Path, help=f"emoji-test.txt already on disk (default: /{EMOJI_TEST_PATH})")
-    p.add_argument("--image-size", type=int, default=64, help="side of the stored square images (default %(default)s)")
-    p.add_argument("--background", default="white", help="colour behind transparent pixels (default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.12, help="share of emoji held out (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="decides the split and the sample order (default %(default)s)")
-    p.add_argument("--samples-per-shard", type=int, default=256, help="default %(default)s")
-    p.add_argument("--overwrite", action="store_true", help="replace shards and manifests already in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_corpus_options(p, "emoji")
     args = p.parse_args(argv)
     output = Path(args.output)
     try:

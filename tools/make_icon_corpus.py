@@ -786,6 +786,17 @@ def closing_lines(summary: dict[str, Any], output: Path, listed: int | None = No
     return lines
 
 
+def add_corpus_options(p: argparse.ArgumentParser, unit: str) -> None:
+    """The options every corpus tool shares: image size, background, split, order, shards, overwrite, progress."""
+    p.add_argument("--image-size", type=int, default=64, help="side of the stored square images (default %(default)s)")
+    p.add_argument("--background", default="white", help="colour behind transparent pixels (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.12, help=f"share of {unit} held out (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="decides the split and the sample order (default %(default)s)")
+    p.add_argument("--samples-per-shard", type=int, default=256, help="default %(default)s")
+    p.add_argument("--overwrite", action="store_true", help="replace shards and manifests already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -795,14 +806,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Debian icon-theme packages, fetched with apt-get download (default: %(default)s)")  # fmt: skip
     p.add_argument("--theme-dir", action="append", default=[], type=Path,
                    help="an already extracted theme folder (repeatable); replaces --packages")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=64, help="side of the stored square images (default %(default)s)")
     p.add_argument("--min-size", type=int, default=32, help="smallest source icon used, px (default %(default)s)")
-    p.add_argument("--background", default="white", help="colour behind transparent pixels (default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.12, help="share of concept groups held out (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="decides the split and the sample order (default %(default)s)")
-    p.add_argument("--samples-per-shard", type=int, default=256, help="default %(default)s")
-    p.add_argument("--overwrite", action="store_true", help="replace shards and manifests already in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_corpus_options(p, "concept groups")
     args = p.parse_args(argv)
     output = Path(args.output)
     try:
