@@ -67,6 +67,7 @@ from tools.make_icon_corpus import (  # noqa: E402
     CORPUS_NAME,
     IconCorpusError,
     add_corpus_options,
+    check_corpus_options,
     check_output,
     closing_lines,
     download_packages,
@@ -101,7 +102,6 @@ class Emoji:
     name: str
     group: str
     subgroup: str
-    line: int
 
     @property
     def text(self) -> str:
@@ -113,7 +113,6 @@ class EmojiSample:
     emoji: Emoji
     caption: str
     png: bytes
-    pixel_hash: str
     split: str = ""
 
 
@@ -136,7 +135,7 @@ def parse_emoji_test(path: Path, statuses: Sequence[str] = STATUSES) -> list[Emo
                 raise EmojiCorpusError(f"{path}:{number}: not an emoji-test line: {line[:80]!r}")
             if m["status"] in statuses:
                 cps = tuple(m["cps"].upper().split())
-                out.append(Emoji(cps, m["status"], m["version"], m["name"].strip(), group, subgroup, number))
+                out.append(Emoji(cps, m["status"], m["version"], m["name"].strip(), group, subgroup))
     if not out:
         raise EmojiCorpusError(f"{path} lists no emoji with status {', '.join(statuses)}; is it emoji-test.txt?")
     return out
@@ -159,18 +158,18 @@ class Renderer:
         single = self.font.getbbox("\U0001f600")
         self.width = single[2] - single[0]
 
-    def _draw(self, text: str) -> Image.Image:
-        left, top, right, bottom = self.font.getbbox(text)
+    def _draw(self, text: str, bbox: tuple[int, int, int, int] | None = None) -> Image.Image:
+        left, top, right, bottom = bbox or self.font.getbbox(text)
         img = Image.new("RGBA", (max(1, right - left), max(1, bottom - top)), (0, 0, 0, 0))
         # black where a glyph has no colour of its own (a monochrome font, a text-style symbol)
         ImageDraw.Draw(img).text((-left, -top), text, font=self.font, fill=(0, 0, 0, 255), embedded_color=True)
         return img
 
     def render(self, text: str) -> tuple[Image.Image | None, str]:
-        left, _, right, _ = self.font.getbbox(text)
-        if right - left > 1.5 * self.width:
+        bbox = self.font.getbbox(text)
+        if bbox[2] - bbox[0] > 1.5 * self.width:
             return None, "not_one_glyph"
-        img = self._draw(text)
+        img = self._draw(text, bbox)
         if img.size == self.missing.size and img.tobytes() == self.missing.tobytes():
             return None, "missing_glyph"
         if img.getextrema()[3][1] == 0:
@@ -194,12 +193,7 @@ def make_emoji_corpus(
 ) -> dict[str, Any]:
     """Build the corpus from a colour emoji font and emoji-test.txt into ``output``; return its summary."""
     output = Path(output)
-    if not 0 < val_fraction < 1:
-        raise EmojiCorpusError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if image_size < 8:
-        raise EmojiCorpusError(f"--image-size must be >= 8, got {image_size}")
-    if samples_per_shard < 1:
-        raise EmojiCorpusError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    check_corpus_options(val_fraction, image_size, samples_per_shard, error=EmojiCorpusError)
     check_output(output, overwrite)
     rgb = parse_colour(background)
     start = time.perf_counter()
@@ -220,7 +214,7 @@ def make_emoji_corpus(
                             "same_as": seen[digest]})  # fmt: skip
             continue
         seen[digest] = e.name
-        samples.append(EmojiSample(e, e.name, png, digest, split_of(e.name, seed, val_fraction)))
+        samples.append(EmojiSample(e, e.name, png, split_of(e.name, seed, val_fraction)))
         if progress and i % 500 == 0:
             print(f"rendered {i}/{len(emoji)} emoji", file=sys.stderr, flush=True)
     splits = collections.Counter(s.split for s in samples)

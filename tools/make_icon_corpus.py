@@ -595,6 +595,25 @@ def write_corpus(
     return stats
 
 
+def check_corpus_options(
+    val_fraction: float,
+    image_size: int,
+    samples_per_shard: int,
+    *,
+    min_size: int | None = None,
+    error: type[IconCorpusError] = IconCorpusError,
+) -> None:
+    """Refuse the options every corpus tool shares when out of range (``min_size``: the icons' too)."""
+    if not 0 < val_fraction < 1:
+        raise error(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if min_size is None and image_size < 8:
+        raise error(f"--image-size must be >= 8, got {image_size}")
+    if min_size is not None and (image_size < 8 or min_size < 1):
+        raise error(f"--image-size must be >= 8 and --min-size >= 1, got {image_size} and {min_size}")
+    if samples_per_shard < 1:
+        raise error(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+
+
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse a non-empty output folder unless ``overwrite`` (before any download)."""
     if output.exists() and not output.is_dir():
@@ -619,12 +638,7 @@ def make_icon_corpus(
 ) -> dict[str, Any]:
     """Build the corpus from extracted theme folders into ``output``; return the ``corpus.json`` summary."""
     output = Path(output)
-    if not 0 < val_fraction < 1:
-        raise IconCorpusError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    if image_size < 8 or min_size < 1:
-        raise IconCorpusError(f"--image-size must be >= 8 and --min-size >= 1, got {image_size} and {min_size}")
-    if samples_per_shard < 1:
-        raise IconCorpusError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    check_corpus_options(val_fraction, image_size, samples_per_shard, min_size=min_size)
     if not themes:
         raise IconCorpusError("no themes given")
     names = [t.name for t in themes]
