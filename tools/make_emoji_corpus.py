@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import re
 import shutil
 import sys
@@ -64,13 +63,13 @@ if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.make_icon_corpus import (  # noqa: E402
-    CORPUS_NAME,
     IconCorpusError,
     add_corpus_options,
     check_corpus_options,
     check_output,
     closing_lines,
     download_packages,
+    finish_summary,
     flatten_square,
     parse_colour,
     png_bytes,
@@ -256,10 +255,7 @@ def make_emoji_corpus(
         "dropped_by_reason": dict(sorted(collections.Counter(d["reason"] for d in dropped).items())),
         "dropped": dropped,
     }
-    (output / CORPUS_NAME).write_bytes(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n")
-    summary["seconds"] = time.perf_counter() - start  # not in corpus.json: reruns stay byte-identical
-    summary["stats"] = stats
-    return summary
+    return finish_summary(summary, output, start, stats)
 
 
 def _lines(summary: dict[str, Any], output: Path) -> str:

@@ -676,8 +676,12 @@ def make_icon_corpus(
         "dropped_by_reason": dict(sorted(collections.Counter(d["reason"] for d in dropped).items())),
         "dropped": dropped,
     }
-    path = output / CORPUS_NAME
-    path.write_bytes(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return finish_summary(summary, output, start, stats)
+
+
+def finish_summary(summary: dict[str, Any], output: Path, start: float, stats: dict[str, Any]) -> dict[str, Any]:
+    """Write ``output/corpus.json`` (sorted keys: a rerun is byte-identical), then add the time and the split stats."""
+    (output / CORPUS_NAME).write_bytes(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n")
     summary["seconds"] = time.perf_counter() - start  # not in corpus.json: reruns stay byte-identical
     summary["stats"] = stats
     return summary
