@@ -327,6 +327,11 @@ class RerankConfig:
     warmup_steps: int = 20  # linear warmup steps of the reranker
     top_k: int = 20  # bi-encoder candidates re-ranked at evaluation
     teacher_scale: float = 0.0  # bi-encoder logits = teacher_scale * cosine; 0: its own logit scale
+    memory_size: int = 100_000  # training pairs the reranker keeps as its memory (a seeded sample of the mined corpus); 0: no memory
+    memory_neighbours: int = 5  # a candidate image is compared with the captions of its memory_neighbours nearest memory images
+    memory_temperature: float = 0.1  # softmax temperature over those neighbours' image cosines
+    memory_weights: list[float] = field(default_factory=lambda: [0.0, 0.125, 0.25, 0.5, 1.0, 2.0])  # the memory's weight is the one of these with the best leave-one-out R@1 on the memory itself
+    memory_queries: int = 4096  # memory captions the leave-one-out calibration ranks
 
 
 @dataclass
@@ -674,6 +679,12 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     _check(cfg.rerank.group_size >= 2, "rerank.group_size", "needs a positive and at least one negative")
     _check(cfg.rerank.distill_temperature > 0, "rerank.distill_temperature", "must be > 0")
     _check(cfg.rerank.fusion_dim % cfg.rerank.fusion_heads == 0, "rerank.fusion_dim", "must be divisible by rerank.fusion_heads")
+    _check(cfg.rerank.memory_size >= 0, "rerank.memory_size", f"must be >= 0 (0: no memory), got {cfg.rerank.memory_size}")
+    _check(cfg.rerank.memory_neighbours >= 1, "rerank.memory_neighbours", f"must be >= 1, got {cfg.rerank.memory_neighbours}")
+    _check(cfg.rerank.memory_temperature > 0, "rerank.memory_temperature", "must be > 0")
+    _check(bool(cfg.rerank.memory_weights) and all(w >= 0 for w in cfg.rerank.memory_weights), "rerank.memory_weights",
+           f"needs at least one weight, none negative, got {cfg.rerank.memory_weights}")
+    _check(cfg.rerank.memory_queries >= 1, "rerank.memory_queries", f"must be >= 1, got {cfg.rerank.memory_queries}")
 
     if world_size is not None:
         validate_world(cfg, world_size)

@@ -54,6 +54,9 @@ def test_yaml_and_overrides(tmp_path):
         (["data.train=a::b", "data.train_weights=[1.0]"], "data.train_weights"),
         (["train.offload=true", "train.zero_stage=0"], "train.offload"),
         (["mine.range_min=10", "mine.range_max=5"], "mine.range_min"),
+        (["rerank.memory_neighbours=0"], "rerank.memory_neighbours"),
+        (["rerank.memory_weights=[0.5,-1.0]"], "rerank.memory_weights"),
+        (["rerank.memory_size=-1"], "rerank.memory_size"),
     ],
 )
 def test_refused_with_key_path(overrides, key):

@@ -334,6 +334,9 @@ def test_cross_encoder_predict_equals_rerank(towers, tmp_path):
     cfg.rerank.fusion_dim, cfg.rerank.fusion_heads, cfg.rerank.fusion_layers = 32, 2, 1
     torch.manual_seed(2)
     reranker = perturb(build_reranker(copy.deepcopy(model), cfg.rerank), 3)
+    gen = torch.Generator().manual_seed(4)  # a memory of 5 training pairs travels with the export
+    memory = [torch.nn.functional.normalize(torch.randn(5, model.embed_dim, generator=gen), dim=-1) for _ in range(2)]
+    reranker.set_memory(*memory, 0.5)
     spec = ModelSpec("reranker", self_contained(cfg.model, model), cfg.rerank)
     out = export_model(reranker, spec, tokenizer, tmp_path / "ce", formats="sentence-transformers")
     ce = CrossEncoder(str(out), trust_remote_code=True, device="cpu")
@@ -343,6 +346,10 @@ def test_cross_encoder_predict_equals_rerank(towers, tmp_path):
     torch.testing.assert_close(scores.cpu(), loaded.score(query, images), rtol=0, atol=ATOL)
     ranked = ce.rank(query, images)
     assert [r["corpus_id"] for r in ranked] == [i for i, _ in loaded.rerank(query, images)]
+    torch.testing.assert_close(loaded.model.memory_image, memory[0], rtol=0, atol=0)
+    assert float(loaded.model.memory_weight) == 0.5 and loaded.model.memory_neighbours == cfg.rerank.memory_neighbours
+    loaded.model.memory_weight.zero_()  # the exported scores hold the memory's term
+    assert (loaded.score(query, images) - scores.cpu().flatten()).abs().max() > 1e-4
     with pytest.raises(ExportError, match="reranker .* no transformers class"):
         export_model(reranker, spec, tokenizer, tmp_path / "hf", formats="transformers")
 

@@ -44,7 +44,7 @@ def tiny_run_config(tmp: Path) -> dict:
         "eval": {"batch_size": 16},
         "mine": {"checkpoint": str(tmp / "bi"), "range_max": 12, "num_negatives": 3, "block_size": 16},
         "rerank": {"group_size": 4, "global_batch_size": 8, "steps": 16, "lr": 2e-3, "warmup_steps": 2,
-                   "fusion_dim": 32, "fusion_heads": 2, "fusion_layers": 1, "top_k": 8},
+                   "fusion_dim": 32, "fusion_heads": 2, "fusion_layers": 1, "top_k": 8, "memory_size": 40},
     }  # fmt: skip
 
 
@@ -112,6 +112,33 @@ def _split_with_twins(val: Path, out: Path) -> Path:
     return out
 
 
+def _check_memory(tmp_path: Path, cfg: dict, run: Path, results: dict) -> None:
+    """The memory the two ranks kept is the pick of one process over the same corpus, with its calibration."""
+    from mmscale.data import build_eval_loader
+    from mmscale.evaluate import load_bi_encoder, load_trained
+    from mmscale.models import load_tokenizer
+    from mmscale.retrieval.corpus import build_corpus
+    from mmscale.retrieval.encode import encode_shards
+    from mmscale.retrieval.memory import select_memory
+
+    report = json.loads((run / "memory.json").read_text())
+    assert report["memory"] == 40 and report["corpus"] == 64 and report["queries"] == 40
+    assert report["weight"] in cfg["rerank"].get("memory_weights", [0.0, 0.125, 0.25, 0.5, 1.0, 2.0])
+    assert set(report["table"]) == {str(w) for w in (0.0, 0.125, 0.25, 0.5, 1.0, 2.0)}
+    assert results["memory"]["weight"] == report["weight"] and report["data"] == str(tmp_path / "data/train")
+    reranker, _ = load_trained(run, "reranker")
+    bi, model_cfg = load_bi_encoder(tmp_path / "bi")
+    loader = build_eval_loader(str(tmp_path / "data/train"), batch_size=16, rank=0, world_size=1,
+                               preprocess=bi.preprocess, tokenizer=load_tokenizer(model_cfg.text),
+                               max_length=model_cfg.text.max_length)  # fmt: skip
+    enc = encode_shards(bi, loader, progress=False)
+    one = select_memory(enc.image_emb, enc.text_emb, build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts),
+                        40, seed=cfg["train"].get("seed", 0))  # fmt: skip
+    torch.testing.assert_close(reranker.memory_image, one.image_emb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reranker.memory_text, one.text_emb, rtol=0, atol=1e-5)
+    assert float(reranker.memory_weight) == report["weight"]
+
+
 @pytest.mark.slow
 def test_mine_then_rerank_two_ranks(tmp_path):
     if not _loader_tokenizes_real_tokenizer():
@@ -169,6 +196,7 @@ def test_mine_then_rerank_two_ranks(tmp_path):
         "ndcg@10",
     }
     assert list((run / "tb").iterdir())  # TensorBoard events
+    _check_memory(tmp_path, cfg, run, results)
 
     # Resume: two more steps continue from the saved step 16, not from scratch.
     launch("rerank", config, "rerank.steps=18", "data.val=")
@@ -240,6 +268,7 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     rescored = tmp_path / "rescored"
     launch("mine", config, f"mine.output={rescored}", "--rescore-with", str(run))
     scorer = mmscale.load(run)
+    scorer.model.memory_weight.zero_()  # rescoring leaves the memory out: it holds these groups' own pairs
     rescored_groups = list(read_group_shards(str(rescored / "groups")))
     rescored_records = {json.loads(line)["query_key"]: json.loads(line)
                         for line in (rescored / "hard_negatives.jsonl").read_text().splitlines()}  # fmt: skip

@@ -72,7 +72,8 @@ class ModelSpec:
             out["with_bias"] = self.with_bias
         elif self.kind == "reranker":
             r = self.rerank
-            out["rerank"] = {"fusion_dim": r.fusion_dim, "fusion_layers": r.fusion_layers, "fusion_heads": r.fusion_heads}
+            out["rerank"] = {"fusion_dim": r.fusion_dim, "fusion_layers": r.fusion_layers, "fusion_heads": r.fusion_heads,
+                             "memory_neighbours": r.memory_neighbours, "memory_temperature": r.memory_temperature}
         else:
             out["with_bias"] = self.with_bias
         return out

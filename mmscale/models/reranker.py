@@ -10,6 +10,16 @@ training on hard negatives can only move it from there: the fusion learns what t
 vector per side cannot express (which colour goes with which shape, which group is above).
 Because the towers run before fusion, corpus image tokens (the trunk's raw token states) can
 be computed once and reused for every query that retrieves them (`encode_image_tokens` / `fuse`).
+
+The reranker also keeps a **memory** of training pairs: the bi-encoder's image and caption
+embeddings of up to `rerank.memory_size` of them (`set_memory`). A candidate image is compared
+with the captions of its `memory_neighbours` nearest memory images (softmax over their image
+cosines at `memory_temperature`): `evidence = sum_t w_t * cos(query, caption_t)`, and the score
+gains `logit_scale * memory_weight * evidence`. Image-to-image and caption-to-caption similarity
+are easier than crossing modalities, so a training image that looks like the candidate vouches
+for its own caption. `memory_weight` is not learned by gradient: `mmscale rerank` picks it by
+leave-one-out on the memory itself (`retrieval/memory.py`), and the fusion trains on the prior
+alone (in train mode the memory term is off), so the term joins at inference exactly as calibrated.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ class MultimodalReranker(nn.Module):
         fusion_heads: int = 4,
         bi_encoder: nn.Module | None = None,
         freeze_towers: bool = False,
+        memory_neighbours: int = 5,
+        memory_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.visual = visual
@@ -51,6 +63,12 @@ class MultimodalReranker(nn.Module):
         self.bi_text_proj = bi_encoder.text_proj if bi_encoder is not None else None
         scale = bi_encoder.scale_and_bias()[0].detach().reshape(1) if bi_encoder is not None else torch.zeros(1)
         self.register_buffer("bi_logit_scale", scale.clone())
+        # The memory (empty until `set_memory`; a checkpoint's or export's is loaded whatever its size).
+        dim = bi_encoder.embed_dim if bi_encoder is not None else 0
+        self.memory_neighbours, self.memory_temperature = memory_neighbours, memory_temperature
+        self.register_buffer("memory_image", torch.zeros(0, dim))
+        self.register_buffer("memory_text", torch.zeros(0, dim))
+        self.register_buffer("memory_weight", torch.zeros(()))
         if freeze_towers:  # only the fusion learns; the towers run without building a graph
             for module in (visual, text, self.bi_visual_proj, self.bi_text_proj):
                 if module is not None:
@@ -93,13 +111,63 @@ class MultimodalReranker(nn.Module):
             mask = None if self.attend_padding else attention_mask
             return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
-    def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
-        """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder)."""
-        if self.bi_visual_proj is None:
-            return text_states.new_zeros(text_states.shape[0])
+    def set_memory(self, image_emb: torch.Tensor, text_emb: torch.Tensor, weight: float) -> None:
+        """Keep these training pairs' bi-encoder embeddings [N, D] (L2-normalised) as the memory, at `weight`."""
+        if image_emb.shape != text_emb.shape or image_emb.shape[1:] != self.memory_image.shape[1:]:
+            raise ValueError(f"memory of {tuple(image_emb.shape)} images and {tuple(text_emb.shape)} captions; "
+                             f"the bi-encoder embeds in {self.memory_image.shape[1]} dimensions")  # fmt: skip
+        like = self.memory_image
+        self.memory_image = image_emb.detach().to(like.device, like.dtype).contiguous()
+        self.memory_text = text_emb.detach().to(like.device, like.dtype).contiguous()
+        self.memory_weight = torch.tensor(float(weight), device=like.device, dtype=self.memory_weight.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("memory_image", "memory_text", "memory_weight"):
+            saved = state_dict.get(prefix + name)
+            if saved is None:  # saved before rerankers kept a memory: none
+                state_dict[prefix + name] = getattr(self, name).new_zeros((0, *getattr(self, name).shape[1:])
+                                                                        if name != "memory_weight" else ())
+            elif saved.shape != getattr(self, name).shape:  # the memory's size is the saved one
+                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def embeddings(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
+                   image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bi-encoder's L2-normalised (caption, image) embeddings [B, D] of the pairs."""
         image_emb = F.normalize(self.bi_visual_proj(self.visual.forward_head(image_states)), dim=-1)
         text_emb = F.normalize(self.bi_text_proj(pool_tokens(text_states, attention_mask, self.pooling)), dim=-1)
-        return self.bi_logit_scale.reshape(()) * (image_emb * text_emb).sum(-1)
+        return text_emb, image_emb
+
+    def memory_evidence(self, text_emb: torch.Tensor, image_emb: torch.Tensor,
+                        exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """[B]: for pair b, the cosine of caption b with the captions of image b's nearest memory images,
+        weighted by a softmax over their image cosines. `exclude` [B, N] bool: memory rows pair b may not
+        use (leave-one-out: the query's own pair and its duplicates, the candidate's own row)."""
+        memory_image, memory_text = self.memory_image.float(), self.memory_text.float()
+        sims = image_emb.float() @ memory_image.T  # [B, N]
+        if exclude is not None:
+            sims = sims.masked_fill(exclude, float("-inf"))
+        m = min(self.memory_neighbours, memory_image.shape[0])
+        near, idx = sims.topk(m, dim=1)
+        weights = torch.softmax(near / self.memory_temperature, dim=1).nan_to_num(0.0)  # all excluded: no evidence
+        caption_sims = torch.einsum("bd,bmd->bm", text_emb.float(), memory_text[idx])
+        return (weights * caption_sims).sum(1)
+
+    def uses_memory(self) -> bool:
+        """Whether scores include the memory term: eval mode, a memory, a non-zero weight."""
+        return not self.training and self.memory_image.shape[0] > 0 and bool(self.memory_weight != 0)
+
+    def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
+        """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder), plus the
+        memory's term (`memory_evidence`) at its weight when `uses_memory()`."""
+        if self.bi_visual_proj is None:
+            return text_states.new_zeros(text_states.shape[0])
+        text_emb, image_emb = self.embeddings(text_states, attention_mask, image_states)
+        cosine = (image_emb * text_emb).sum(-1)
+        if self.uses_memory():
+            evidence = self.memory_evidence(text_emb, image_emb).to(cosine.dtype)
+            cosine = cosine + self.memory_weight.to(cosine.dtype) * evidence
+        return self.bi_logit_scale.reshape(()) * cosine
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """Scores [B] of the pairs (text_states[b], image_states[b]): bi-encoder prior + joint-attention correction."""
@@ -156,4 +224,6 @@ def build_reranker(dual_encoder: nn.Module, rerank_cfg: RerankConfig) -> Multimo
         fusion_heads=rerank_cfg.fusion_heads,
         bi_encoder=dual_encoder,
         freeze_towers=rerank_cfg.freeze_towers,
+        memory_neighbours=rerank_cfg.memory_neighbours,
+        memory_temperature=rerank_cfg.memory_temperature,
     )

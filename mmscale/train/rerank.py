@@ -126,6 +126,7 @@ class RerankerStage(Stage):
         self.teacher_scale = teacher_scale(cfg, self.groups, float(self.bi_encoder.scale_and_bias()[0]))
         super().__init__(rerank_run_config(cfg, model_cfg, self.groups))
         self.results: dict = {}
+        self.memory_report: dict = {}  # what build_memory did (memory.json); empty on a resumed run
 
     def build_model(self, trainer: Trainer, resuming: bool) -> nn.Module:
         from mmscale.models import load_tokenizer
@@ -133,7 +134,11 @@ class RerankerStage(Stage):
 
         self.teacher = copy.deepcopy(self.bi_encoder).to(trainer.dist.device)  # the bi-encoder stays intact
         self.tokenizer = load_tokenizer(self.cfg.model.text)
-        return build_reranker(self.bi_encoder, self.cfg.rerank).train()
+        reranker = build_reranker(self.bi_encoder, self.cfg.rerank)
+        if self.cfg.rerank.memory_size and not resuming:  # a resumed run's memory comes with its checkpoint
+            self.memory_report = build_memory(reranker, self.teacher, self.user_cfg, self.groups, self.tokenizer,
+                                              self.cfg.model.text.max_length, trainer.dist.device)  # fmt: skip
+        return reranker.train()
 
     def build_loader(self, trainer: Trainer) -> Any:
         from mmscale.data import build_train_loader
@@ -179,7 +184,12 @@ class RerankerStage(Stage):
         return {f"{side}/{k}": v for side in ("bi_encoder", "reranked") for k, v in self.results[side].items()}
 
     def finish(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        if not self.results or trainer.rank != 0:
+        if trainer.rank != 0:
+            return
+        memory_file = Path(self.cfg.output_dir) / MEMORY_FILE
+        if self.memory_report:
+            memory_file.write_text(json.dumps(self.memory_report, indent=2) + "\n")
+        if not self.results:
             return
         from mmscale.evaluate import resolve_trained
         from mmscale.retrieval.rerank_eval import format_rerank_table
@@ -190,8 +200,60 @@ class RerankerStage(Stage):
         self.results["checkpoint"] = {"path": str(checkpoint_root(self.cfg.output_dir) / tag_for(trainer.step)),
                                       "step": trainer.step, "steps": t.steps}  # fmt: skip
         self.results["bi_encoder_checkpoint"] = resolve_trained(self.user_cfg.mine.checkpoint)
+        if memory_file.is_file():
+            self.results["memory"] = {k: v for k, v in json.loads(memory_file.read_text()).items() if k != "table"}
         (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(self.results, indent=2))
         trainer.monitor.message(format_rerank_table(self.results))
+
+
+MEMORY_FILE = "memory.json"
+
+
+def memory_corpus(cfg: Config, groups: Path) -> str:
+    """The shards the groups were mined from (mining's summary.json says), else `mine.data` / `data.train`."""
+    summary = groups.parent / SUMMARY_FILE
+    data = json.loads(summary.read_text()).get("data") if summary.is_file() else None
+    urls = data or cfg.mine.data or cfg.data.train
+    if not urls:
+        raise BadInputError("rerank.memory_size: the reranker's memory is drawn from the mined corpus, but neither "
+                            f"{summary} nor mine.data / data.train names it (or set rerank.memory_size=0)")
+    return urls
+
+
+def build_memory(reranker, bi_encoder: nn.Module, cfg: Config, groups: Path, tokenizer, max_length: int,
+                 device) -> dict:
+    """Encode the mined corpus with the bi-encoder, keep a seeded sample of `rerank.memory_size` pairs as the
+    reranker's memory and set its weight by leave-one-out (collective); returns what was done, for memory.json."""
+    import time
+
+    from mmscale.data import build_eval_loader
+    from mmscale.retrieval.corpus import build_corpus
+    from mmscale.retrieval.encode import encode_shards
+    from mmscale.retrieval.memory import calibrate_memory_weight, select_memory
+
+    r, start = cfg.rerank, time.perf_counter()
+    urls = memory_corpus(cfg, groups)
+    loader = build_eval_loader(
+        urls, batch_size=cfg.eval.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
+        preprocess=bi_encoder.preprocess, tokenizer=tokenizer, max_length=max_length,
+        workers=min(cfg.data.workers, 2), image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
+        max_pixels=cfg.data.max_pixels,
+    )  # fmt: skip
+    enc = encode_shards(bi_encoder.eval(), loader, device=device, progress=distributed.get_rank() == 0)
+    corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
+    memory = select_memory(enc.image_emb, enc.text_emb, corpus, r.memory_size, seed=cfg.train.seed)
+    reranker.to(device).set_memory(memory.image_emb, memory.text_emb, 0.0)
+    calibration = calibrate_memory_weight(memory, reranker.memory_evidence, r.memory_weights, top_k=r.top_k,
+                                          queries=r.memory_queries, seed=cfg.train.seed)  # fmt: skip
+    reranker.set_memory(memory.image_emb, memory.text_emb, calibration["weight"])
+    report = {"data": urls, "corpus": memory.corpus_size, "memory": int(memory.image_emb.shape[0]),
+              "neighbours": r.memory_neighbours, "temperature": r.memory_temperature, **calibration,
+              "seconds": time.perf_counter() - start}  # fmt: skip
+    if distributed.get_rank() == 0:
+        rows = ", ".join(f"{w:g}: R@1 {v['recall@1']:.3f}" for w, v in calibration["table"].items())
+        log.info("reranker memory: %d of %d pairs; leave-one-out over %d captions (%s) -> weight %g",
+                 report["memory"], report["corpus"], calibration["queries"], rows, calibration["weight"])
+    return report
 
 
 def train_reranker(cfg: Config) -> int:
