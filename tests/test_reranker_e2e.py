@@ -119,7 +119,7 @@ def _check_memory(tmp_path: Path, cfg: dict, run: Path, results: dict) -> None:
     from mmscale.models import load_tokenizer
     from mmscale.retrieval.corpus import build_corpus
     from mmscale.retrieval.encode import encode_shards
-    from mmscale.retrieval.memory import select_memory
+    from mmscale.retrieval.memory import calibrate_memory_weight, select_memory
 
     report = json.loads((run / "memory.json").read_text())
     assert report["memory"] == 40 and report["corpus"] == 64 and report["queries"] == 40
@@ -137,6 +137,13 @@ def _check_memory(tmp_path: Path, cfg: dict, run: Path, results: dict) -> None:
     torch.testing.assert_close(reranker.memory_image, one.image_emb, rtol=0, atol=1e-5)
     torch.testing.assert_close(reranker.memory_text, one.text_emb, rtol=0, atol=1e-5)
     assert float(reranker.memory_weight) == report["weight"]
+    # ... and two ranks' leave-one-out (each its share of the captions) is one process's.
+    alone = calibrate_memory_weight(one, reranker.memory_evidence, [0.0, 0.125, 0.25, 0.5, 1.0, 2.0],
+                                    top_k=cfg["rerank"]["top_k"], queries=4096, seed=0)  # fmt: skip
+    assert alone["weight"] == report["weight"] and alone["queries"] == 40
+    for w, row in alone["table"].items():
+        assert row["recall@1"] == report["table"][str(w)]["recall@1"]
+        assert abs(row["mrr@10"] - report["table"][str(w)]["mrr@10"]) < 1e-6
 
 
 @pytest.mark.slow

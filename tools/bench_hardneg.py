@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": hardneg_cfg["train"]["steps"],
         "lr": hardneg_cfg["train"]["lr"],
         "distill": {k: distill_cfg["loss"][k] for k in ("distill_weight", "distill_temperature")},
-        "rerank": {k: rerank_cfg["rerank"][k] for k in ("freeze_towers", "steps", "lr", "group_size", "top_k")},
+        "rerank": {k: rerank_cfg["rerank"].get(k) for k in ("freeze_towers", "steps", "lr", "group_size", "top_k",
+                                                            "memory_size", "memory_neighbours", "memory_temperature")},
+        "rerank_memory": _memory_report(path["rerank"] / "rerank"),
         "overrides": args.overrides,
         "commands": {k: " ".join(v) for k, v in commands.items()},
         "planned": {k: " ".join(v) for k, v in plan.items()},
@@ -136,6 +138,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     (out / "bench_hardneg.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _memory_report(run: Path) -> dict[str, Any] | None:
+    """The reranker's memory as `mmscale rerank` built it (memory.json), None for a run without one."""
+    path = run / "memory.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def parse_reuse(items: list[str]) -> dict[str, Path]:

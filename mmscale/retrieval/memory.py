@@ -63,24 +63,31 @@ def calibrate_memory_weight(
     """{"weight": the chosen one, "table": {weight: {"recall@1", "mrr@10"}}, "queries", "top_k"} by leave-one-out.
 
     `evidence(text_emb [B, D], image_emb [B, D], exclude [B, M] bool) -> [B]` is the reranker's
-    `memory_evidence`. Deterministic; computed on rank 0 and broadcast, so every rank agrees.
+    `memory_evidence`. Collective: each rank ranks its share of the queries (the memory is whole on
+    every rank), and one all-reduce of the per-weight sums gives every rank the same table.
     """
-    result = None
-    if distributed.get_rank() == 0:
-        result = _calibrate(memory, evidence, list(weights), top_k, queries, seed, batch)
-    return distributed.broadcast_object(result)
-
-
-def _calibrate(memory: Memory, evidence, weights: list[float], top_k: int, queries: int, seed: int, batch: int) -> dict:
+    weights = [float(x) for x in weights]
     m = memory.image_emb.shape[0]
     if m < 2:
         return {"weight": 0.0, "table": {}, "queries": 0, "top_k": 0, "memory": m}
     g = torch.Generator().manual_seed(seed)
     picked = torch.randperm(m, generator=g)[: min(queries, m)].sort().values.to(memory.groups.device)
+    rank, world = distributed.world()
     k = min(top_k, m)
+    sums = _loo_sums(memory, evidence, weights, picked[rank::world], k, batch)
+    sums = distributed.all_reduce_tensor(sums.to(distributed.comm_device())).cpu()  # [2, W]: hits@1, 1/rank
+    n = len(picked)
+    table = {x: {"recall@1": float(sums[0, i]) / n, f"mrr@{MRR_K}": float(sums[1, i]) / n} for i, x in enumerate(weights)}
+    # Best R@1, then best MRR@10, then the smallest weight.
+    best = max(table, key=lambda x: (round(table[x]["recall@1"], 9), round(table[x][f"mrr@{MRR_K}"], 9), -x))
+    return {"weight": best, "table": table, "queries": n, "top_k": k, "memory": m}
+
+
+def _loo_sums(memory: Memory, evidence, weights: list[float], picked: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """[2, len(weights)] float64: over the `picked` memory captions, hits at rank 1 and reciprocal ranks (MRR@10)."""
     w = torch.tensor(weights, dtype=torch.float32, device=memory.image_emb.device)
-    hits1 = torch.zeros(len(weights), device=w.device)
-    rr = torch.zeros(len(weights), device=w.device)
+    hits1 = torch.zeros(len(weights), dtype=torch.float64, device=w.device)
+    rr = torch.zeros(len(weights), dtype=torch.float64, device=w.device)
     for start in range(0, len(picked), batch):
         q = picked[start : start + batch]
         text = memory.text_emb[q].float()
@@ -93,11 +100,7 @@ def _calibrate(memory: Memory, evidence, weights: list[float], top_k: int, queri
         scores = cos[None] + w[:, None, None] * ev[None]  # [W, b, k]
         for i in range(len(weights)):
             order = against_ties(scores[i], relevant).argsort(dim=1, descending=True, stable=True)
-            hits = relevant.gather(1, order)[:, :MRR_K].float()
+            hits = relevant.gather(1, order)[:, :MRR_K].double()
             hits1[i] += hits[:, 0].sum()
             rr[i] += (hits / torch.arange(1, hits.shape[1] + 1, device=hits.device)).amax(1).sum()  # 1 / first hit
-    n = len(picked)
-    table = {float(x): {"recall@1": float(hits1[i]) / n, f"mrr@{MRR_K}": float(rr[i]) / n} for i, x in enumerate(weights)}
-    # Best R@1, then best MRR@10, then the smallest weight.
-    best = max(table, key=lambda x: (round(table[x]["recall@1"], 9), round(table[x][f"mrr@{MRR_K}"], 9), -x))
-    return {"weight": best, "table": table, "queries": n, "top_k": k, "memory": m}
+    return torch.stack([hits1, rr])

@@ -253,6 +253,9 @@ def build_memory(reranker, bi_encoder: nn.Module, cfg: Config, groups: Path, tok
         rows = ", ".join(f"{w:g}: R@1 {v['recall@1']:.3f}" for w, v in calibration["table"].items())
         log.info("reranker memory: %d of %d pairs; leave-one-out over %d captions (%s) -> weight %g",
                  report["memory"], report["corpus"], calibration["queries"], rows, calibration["weight"])
+        if len(r.memory_weights) > 1 and calibration["weight"] == max(r.memory_weights) > 0:
+            log.warning("reranker memory: the largest weight tried (%g) had the best leave-one-out R@1; a larger "
+                        "one may do better: add it to rerank.memory_weights", calibration["weight"])
     return report
 
 
