@@ -133,7 +133,7 @@ def reranker_scorer(path: str, device, max_pixels: int) -> Callable[[str, list[b
                             "`mmscale rerank` (its run directory, a checkpoint or an export)")
     # The groups are training pairs, which the reranker's memory may hold: their own captions would vouch
     # for them. Teacher scores come from the fusion and the prior alone.
-    reranker.model.memory_weight.zero_()
+    reranker.model.set_memory_weight(0.0)
 
     def score(query: str, images: list[bytes]) -> list[float]:
         return reranker.score(query, [decode_rgb(data, max_pixels) for data in images]).tolist()

@@ -348,7 +348,7 @@ def test_cross_encoder_predict_equals_rerank(towers, tmp_path):
     assert [r["corpus_id"] for r in ranked] == [i for i, _ in loaded.rerank(query, images)]
     torch.testing.assert_close(loaded.model.memory_image, memory[0], rtol=0, atol=0)
     assert float(loaded.model.memory_weight) == 0.5 and loaded.model.memory_neighbours == cfg.rerank.memory_neighbours
-    loaded.model.memory_weight.zero_()  # the exported scores hold the memory's term
+    loaded.model.set_memory_weight(0.0)  # the exported scores hold the memory's term
     assert (loaded.score(query, images) - scores.cpu().flatten()).abs().max() > 1e-4
     with pytest.raises(ExportError, match="reranker .* no transformers class"):
         export_model(reranker, spec, tokenizer, tmp_path / "hf", formats="transformers")

@@ -275,7 +275,7 @@ def test_mine_then_rerank_two_ranks(tmp_path):
     rescored = tmp_path / "rescored"
     launch("mine", config, f"mine.output={rescored}", "--rescore-with", str(run))
     scorer = mmscale.load(run)
-    scorer.model.memory_weight.zero_()  # rescoring leaves the memory out: it holds these groups' own pairs
+    scorer.model.set_memory_weight(0.0)  # rescoring leaves the memory out: it holds these groups' own pairs
     rescored_groups = list(read_group_shards(str(rescored / "groups")))
     rescored_records = {json.loads(line)["query_key"]: json.loads(line)
                         for line in (rescored / "hard_negatives.jsonl").read_text().splitlines()}  # fmt: skip

@@ -69,6 +69,7 @@ class MultimodalReranker(nn.Module):
         self.register_buffer("memory_image", torch.zeros(0, dim))
         self.register_buffer("memory_text", torch.zeros(0, dim))
         self.register_buffer("memory_weight", torch.zeros(()))
+        self._memory_weight = 0.0  # the buffer's value on the host: scoring never reads the device for it
         if freeze_towers:  # only the fusion learns; the towers run without building a graph
             for module in (visual, text, self.bi_visual_proj, self.bi_text_proj):
                 if module is not None:
@@ -119,7 +120,12 @@ class MultimodalReranker(nn.Module):
         like = self.memory_image
         self.memory_image = image_emb.detach().to(like.device, like.dtype).contiguous()
         self.memory_text = text_emb.detach().to(like.device, like.dtype).contiguous()
-        self.memory_weight = torch.tensor(float(weight), device=like.device, dtype=self.memory_weight.dtype)
+        self.set_memory_weight(weight)
+
+    def set_memory_weight(self, weight: float) -> None:
+        """The memory term's weight (0: scores are the fusion's and the bi-encoder's alone)."""
+        self.memory_weight = torch.tensor(float(weight), device=self.memory_image.device, dtype=self.memory_weight.dtype)
+        self._memory_weight = float(weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("memory_image", "memory_text", "memory_weight"):
@@ -130,6 +136,7 @@ class MultimodalReranker(nn.Module):
             elif saved.shape != getattr(self, name).shape:  # the memory's size is the saved one
                 setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._memory_weight = float(state_dict[prefix + "memory_weight"])  # at load time, not while scoring
 
     def embeddings(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
                    image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +162,7 @@ class MultimodalReranker(nn.Module):
 
     def uses_memory(self) -> bool:
         """Whether scores include the memory term: eval mode, a memory, a non-zero weight."""
-        return not self.training and self.memory_image.shape[0] > 0 and bool(self.memory_weight != 0)
+        return not self.training and self.memory_image.shape[0] > 0 and self._memory_weight != 0
 
     def prior(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
         """The bi-encoder's logit scale * cosine for each pair [B] (zero without a bi-encoder), plus the
@@ -166,7 +173,7 @@ class MultimodalReranker(nn.Module):
         cosine = (image_emb * text_emb).sum(-1)
         if self.uses_memory():
             evidence = self.memory_evidence(text_emb, image_emb).to(cosine.dtype)
-            cosine = cosine + self.memory_weight.to(cosine.dtype) * evidence
+            cosine = cosine + self._memory_weight * evidence
         return self.bi_logit_scale.reshape(()) * cosine
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor, image_states: torch.Tensor) -> torch.Tensor:
