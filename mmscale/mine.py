@@ -30,7 +30,7 @@ import torch
 from mmscale import distributed
 from mmscale.errors import BadInputError
 from mmscale.retrieval.corpus import build_corpus
-from mmscale.retrieval.encode import encode_shards
+from mmscale.retrieval.encode import corpus_loader, encode_shards
 from mmscale.retrieval.groups import GROUPS_DIR, prepare_groups_dir, write_group_shards
 from mmscale.retrieval.mining import (
     GROUPS_FILE,
@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 def run_mine(cfg) -> int:
     """Encode, mine and write on all ranks (collective); returns the exit code."""
-    from mmscale.data import build_eval_loader
     from mmscale.evaluate import load_bi_encoder, resolve_trained
     from mmscale.models import load_tokenizer
 
@@ -67,12 +66,8 @@ def run_mine(cfg) -> int:
         rescored_with = resolve_trained(m.rescore_with)
         rescore = reranker_scorer(m.rescore_with, device, cfg.data.max_pixels)
     urls = m.data or cfg.data.train
-    loader = build_eval_loader(
-        urls, batch_size=cfg.eval.batch_size, rank=rank, world_size=world, preprocess=model.preprocess,
-        tokenizer=load_tokenizer(model_cfg.text), max_length=model_cfg.text.max_length,
-        workers=min(cfg.data.workers, 2), image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
-        max_pixels=cfg.data.max_pixels,
-    )  # fmt: skip
+    loader = corpus_loader(cfg, urls, preprocess=model.preprocess, tokenizer=load_tokenizer(model_cfg.text),
+                           max_length=model_cfg.text.max_length)  # fmt: skip
     enc = encode_shards(model, loader, device=device)
     corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
     encoded_s = time.perf_counter() - start

@@ -129,12 +129,11 @@ class MultimodalReranker(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("memory_image", "memory_text", "memory_weight"):
-            saved = state_dict.get(prefix + name)
-            if saved is None:  # saved before rerankers kept a memory: none
-                state_dict[prefix + name] = getattr(self, name).new_zeros((0, *getattr(self, name).shape[1:])
-                                                                        if name != "memory_weight" else ())
-            elif saved.shape != getattr(self, name).shape:  # the memory's size is the saved one
-                setattr(self, name, torch.zeros_like(saved, device=getattr(self, name).device))
+            current, saved = getattr(self, name), state_dict.get(prefix + name)
+            if saved is None:  # saved before rerankers kept a memory: none (no rows, weight 0)
+                state_dict[prefix + name] = current.new_zeros((0, *current.shape[1:]) if current.dim() else ())
+            elif saved.shape != current.shape:  # the memory's size is the saved one
+                setattr(self, name, torch.zeros_like(saved, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._memory_weight = float(state_dict[prefix + "memory_weight"])  # at load time, not while scoring
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmscale import distributed
+from mmscale.data import build_eval_loader
 
 EMBEDDING_FILES = ("image_emb.npy", "text_emb.npy")
 KEYS_FILE = "keys.txt"
@@ -49,6 +50,17 @@ class EncodedShards:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+def corpus_loader(cfg, urls: str, *, preprocess, tokenizer, max_length: int):
+    """The loader over a corpus the second stage encodes whole (mining, the reranker's memory): every sample
+    once across this job's ranks, the run's image and text keys and pixel cap, at most 2 workers."""
+    rank, world = distributed.world()
+    return build_eval_loader(
+        urls, batch_size=cfg.eval.batch_size, rank=rank, world_size=world, preprocess=preprocess,
+        tokenizer=tokenizer, max_length=max_length, workers=min(cfg.data.workers, 2),
+        image_keys=cfg.data.image_keys, text_key=cfg.data.text_key, max_pixels=cfg.data.max_pixels,
+    )  # fmt: skip
 
 
 def check_truncate_dim(truncate_dim: int | None, embed_dim: int) -> None:

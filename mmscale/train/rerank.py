@@ -186,9 +186,11 @@ class RerankerStage(Stage):
     def finish(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if trainer.rank != 0:
             return
-        memory_file = Path(self.cfg.output_dir) / MEMORY_FILE
-        if self.memory_report:
-            memory_file.write_text(json.dumps(self.memory_report, indent=2) + "\n")
+        memory_file, memory = Path(self.cfg.output_dir) / MEMORY_FILE, self.memory_report
+        if memory:
+            memory_file.write_text(json.dumps(memory, indent=2) + "\n")
+        elif memory_file.is_file():  # a resumed run: the memory came with the checkpoint, its report stayed here
+            memory = json.loads(memory_file.read_text())
         if not self.results:
             return
         from mmscale.evaluate import resolve_trained
@@ -200,8 +202,8 @@ class RerankerStage(Stage):
         self.results["checkpoint"] = {"path": str(checkpoint_root(self.cfg.output_dir) / tag_for(trainer.step)),
                                       "step": trainer.step, "steps": t.steps}  # fmt: skip
         self.results["bi_encoder_checkpoint"] = resolve_trained(self.user_cfg.mine.checkpoint)
-        if memory_file.is_file():
-            self.results["memory"] = {k: v for k, v in json.loads(memory_file.read_text()).items() if k != "table"}
+        if memory:
+            self.results["memory"] = {k: v for k, v in memory.items() if k != "table"}
         (Path(self.cfg.output_dir) / "eval.json").write_text(json.dumps(self.results, indent=2))
         trainer.monitor.message(format_rerank_table(self.results))
 
@@ -226,26 +228,20 @@ def build_memory(reranker, bi_encoder: nn.Module, cfg: Config, groups: Path, tok
     reranker's memory and set its weight by leave-one-out (collective); returns what was done, for memory.json."""
     import time
 
-    from mmscale.data import build_eval_loader
     from mmscale.retrieval.corpus import build_corpus
-    from mmscale.retrieval.encode import encode_shards
+    from mmscale.retrieval.encode import corpus_loader, encode_shards
     from mmscale.retrieval.memory import calibrate_memory_weight, select_memory
 
     r, start = cfg.rerank, time.perf_counter()
     urls = memory_corpus(cfg, groups)
-    loader = build_eval_loader(
-        urls, batch_size=cfg.eval.batch_size, rank=distributed.get_rank(), world_size=distributed.get_world_size(),
-        preprocess=bi_encoder.preprocess, tokenizer=tokenizer, max_length=max_length,
-        workers=min(cfg.data.workers, 2), image_keys=cfg.data.image_keys, text_key=cfg.data.text_key,
-        max_pixels=cfg.data.max_pixels,
-    )  # fmt: skip
+    loader = corpus_loader(cfg, urls, preprocess=bi_encoder.preprocess, tokenizer=tokenizer, max_length=max_length)
     enc = encode_shards(bi_encoder.eval(), loader, device=device, progress=distributed.get_rank() == 0)
     corpus = build_corpus(enc.image_emb, enc.text_emb, enc.keys, enc.texts)
     memory = select_memory(enc.image_emb, enc.text_emb, corpus, r.memory_size, seed=cfg.train.seed)
     reranker.to(device).set_memory(memory.image_emb, memory.text_emb, 0.0)
     calibration = calibrate_memory_weight(memory, reranker.memory_evidence, r.memory_weights, top_k=r.top_k,
                                           queries=r.memory_queries, seed=cfg.train.seed)  # fmt: skip
-    reranker.set_memory(memory.image_emb, memory.text_emb, calibration["weight"])
+    reranker.set_memory_weight(calibration["weight"])
     report = {"data": urls, "corpus": memory.corpus_size, "memory": int(memory.image_emb.shape[0]),
               "neighbours": r.memory_neighbours, "temperature": r.memory_temperature, **calibration,
               "seconds": time.perf_counter() - start}  # fmt: skip
